@@ -1,0 +1,262 @@
+"""The interface every attention variant implements: timm's attention contract plus a few hooks.
+
+A variant is an ``nn.Module`` built as ``Variant(dim, num_heads=8, qkv_bias=False, ...,
+**options)`` with a fused ``qkv`` projection (C -> 3C) and an output ``proj`` (C -> C), so it
+drops into ``timm.create_model(..., attn_layer=Variant)`` and weights move between variants.
+Subclasses implement :meth:`AttentionVariant.attend` (per-head core) and
+:meth:`AttentionVariant.core_macs`; everything else is shared.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, ClassVar, Literal, Optional
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AttentionVariant",
+    "NoOptions",
+    "OptionSpec",
+    "option_specs",
+    "parse_options",
+    "preset",
+    "did_you_mean",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """Options of a variant that has none of its own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """One typed option of a variant: what a sweep may vary and a user may set.
+
+    Attributes:
+        name: keyword name.
+        kind: one of ``bool``, ``int``, ``float``, ``str``, ``choice``.
+        default: default value (after presets are applied).
+        choices: allowed values for ``choice`` options, else ``()``.
+        help: one line, from the field's ``metadata['help']`` where given.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    choices: tuple = ()
+    help: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"{self.name}={self.default!r} ({'|'.join(map(str, self.choices))})"
+        return f"{self.name}={self.default!r} ({self.kind})"
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """A ``"; did you mean 'x'?"`` suffix naming the closest candidate, or ``""``."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+_KINDS = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
+def _field_kind(hint) -> tuple[str, tuple]:
+    if typing.get_origin(hint) is Literal:
+        return "choice", typing.get_args(hint)
+    if hint in _KINDS:
+        return _KINDS[hint], ()
+    raise TypeError(f"option type {hint!r} is not supported (bool, int, float, str or Literal)")
+
+
+def option_specs(cls: type["AttentionVariant"]) -> list[OptionSpec]:
+    """The typed options of a variant class, with its (possibly preset) defaults."""
+    hints = typing.get_type_hints(cls.Options)
+    specs = []
+    for field in dataclasses.fields(cls.Options):
+        kind, choices = _field_kind(hints[field.name])
+        default = cls._bound_options.get(field.name, field.default)
+        specs.append(OptionSpec(field.name, kind, default, choices, field.metadata.get("help", "")))
+    return specs
+
+
+def _check_value(variant: str, spec: OptionSpec, value: Any) -> Any:
+    expected = {
+        "bool": "a boolean",
+        "int": "an integer",
+        "float": "a number",
+        "str": "a string",
+        "choice": "one of " + ", ".join(repr(c) for c in spec.choices),
+    }[spec.kind]
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "choice": value in spec.choices,
+    }[spec.kind]
+    if not ok:
+        hint = did_you_mean(value, spec.choices) if spec.kind == "choice" else ""
+        raise ValueError(
+            f"variant '{variant}': option '{spec.name}' got {value!r}, expected {expected}{hint}"
+        )
+    return float(value) if spec.kind == "float" else value
+
+
+def parse_options(cls: type["AttentionVariant"], options: dict[str, Any]):
+    """Validate keyword options against ``cls.Options`` and return an ``Options`` instance.
+
+    Raises:
+        ValueError: naming the variant, the option and what is accepted.
+    """
+    variant = cls.variant_name or cls.__name__
+    specs = {spec.name: spec for spec in option_specs(cls)}
+    merged = {**cls._bound_options, **options}
+    for name in merged:
+        if name not in specs:
+            accepted = ", ".join(specs) or "no options"
+            raise ValueError(
+                f"variant '{variant}': unknown option '{name}'{did_you_mean(name, specs)} "
+                f"(accepted: {accepted})"
+            )
+    values = {name: _check_value(variant, specs[name], value) for name, value in merged.items()}
+    try:
+        return cls.Options(**values)
+    except ValueError as err:  # range checks in Options.__post_init__
+        raise ValueError(f"variant '{variant}': {err}") from None
+
+
+def preset(base: type["AttentionVariant"], description: str, **options) -> type["AttentionVariant"]:
+    """A subclass of ``base`` whose option defaults are ``options``.
+
+    Used for registered presets (the ablated Castling variants) and to hand a configured
+    variant to ``timm.create_model(attn_layer=...)``, which wants a class.
+    """
+    bound = {**base._bound_options, **options}
+    cls = type(base.__name__, (base,), {"_bound_options": bound, "__doc__": description or base.__doc__,
+                                         "__module__": base.__module__})
+    parse_options(cls, {})  # fail now, not at the first layer built
+    return cls
+
+
+class AttentionVariant(nn.Module):
+    """Base class of all attention variants (timm's attention contract).
+
+    Subclasses set ``Options`` (a frozen dataclass of typed defaults) and implement
+    :meth:`attend` and :meth:`core_macs`. Train-only branches override
+    :meth:`set_progress`, :meth:`regularization` and :meth:`castle`.
+
+    Args:
+        dim: token width C.
+        num_heads: heads h; C must be divisible by h.
+        qkv_bias: bias in the fused ``qkv`` projection.
+        qk_norm: normalise q and k per head with ``norm_layer`` (as timm).
+        scale_norm: normalise the merged heads before ``proj`` (as timm).
+        proj_bias: bias in ``proj``.
+        attn_drop: dropout on attention weights, where the variant has them.
+        proj_drop: dropout after ``proj``.
+        norm_layer: norm class for ``qk_norm``/``scale_norm``.
+        **options: the variant's typed options (see ``Options``).
+    """
+
+    Options: ClassVar[type] = NoOptions
+    #: Name under which the registry loaded this class ("" when used directly).
+    variant_name: ClassVar[str] = ""
+    #: Option defaults fixed by :func:`preset`.
+    _bound_options: ClassVar[dict[str, Any]] = {}
+    #: Whether ``forward`` honours ``attn_mask``; others refuse a mask rather than ignore it.
+    supports_attn_mask: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Optional[type[nn.Module]] = None,
+        depth: int = 0,  # timm passes it to some layers; unused here
+        device=None,
+        dtype=None,
+        **options,
+    ) -> None:
+        super().__init__()
+        self.options = parse_options(type(self), options)
+        if dim % num_heads:
+            raise ValueError(f"variant '{self._label()}': dim {dim} is not divisible by num_heads {num_heads}")
+        if (qk_norm or scale_norm) and norm_layer is None:
+            norm_layer = nn.LayerNorm
+        dd = {"device": device, "dtype": dtype}
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def description(cls) -> str:
+        """First line of the class docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    def _label(self) -> str:
+        return self.variant_name or type(self).__name__
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
+        return f"dim={self.dim}, num_heads={self.num_heads}" + (f", {opts}" if opts else "")
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C)."""
+        if attn_mask is not None and not self.supports_attn_mask:
+            raise ValueError(f"variant '{self._label()}' does not support attn_mask")
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        y = self.attend(q, k, v, attn_mask)
+        y = y.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(self.norm(y)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The per-head core: q, k, v of shape (B, h, N, d) -> (B, h, N, d)."""
+        raise NotImplementedError
+
+    def core_macs(self, num_tokens: int) -> int:
+        """Analytic MACs of :meth:`attend` for one sequence of ``num_tokens`` (inference form)."""
+        raise NotImplementedError
+
+    def macs(self, num_tokens: int) -> int:
+        """Analytic MACs of one forward of this layer (batch 1, inference form).
+
+        Counts multiply-adds of matmuls and convolutions, as counters do; elementwise work
+        (softmax, normalisations, biases) is not counted.
+        """
+        projections = num_tokens * self.dim * 3 * self.dim + num_tokens * self.dim * self.dim
+        return projections + self.core_macs(num_tokens)
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1], for schedules. Default: nothing."""
+
+    def regularization(self) -> torch.Tensor:
+        """Auxiliary loss from the last forward, added to the training loss. Default: 0."""
+        return self.proj.weight.new_zeros(())
+
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars to log over training (e.g. mask density). Default: none."""
+        return {}
+
+    def castle(self) -> "AttentionVariant":
+        """Switch in place to the inference form; return self. Default: nothing to drop."""
+        return self

@@ -1,0 +1,112 @@
+"""Castling attention: linear-angular + DWConv + an auxiliary masked softmax branch in training.
+
+castling-spec.md section 3. The branch A = softmax(q k^T / sqrt(d)) on the raw q, k, masked by
+M = 1[A > threshold] (no gradient through the comparison), adds S v = (M * A * gate) v before
+the output normalisation. It has no parameters, so the official block's state dict loads
+unchanged with the branch on or off; ``castle()`` drops it for inference.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import torch
+
+from attnbench.variant import preset
+from attnbench_variants.linear_angular import LinearAngularAttention, LinearAngularOptions
+from attnbench_variants.mask_schedules import BranchState, branch_state
+
+
+@dataclasses.dataclass(frozen=True)
+class CastlingOptions(LinearAngularOptions):
+    mask_schedule: Literal["none", "fixed", "threshold_ramp", "gate_linear", "gate_cosine",
+                           "gate_step", "l1_ramp"] = dataclasses.field(
+        default="fixed", metadata={"help": "how the auxiliary branch is driven to zero (fixed = official)"})
+    threshold: float = dataclasses.field(default=0.02, metadata={"help": "mask keeps probabilities above it"})
+    schedule_start: float = dataclasses.field(default=0.0, metadata={"help": "progress where the schedule starts"})
+    schedule_end: float = dataclasses.field(
+        default=0.8, metadata={"help": "progress from which the branch is exactly empty"})
+    gate_steps: int = dataclasses.field(default=4, metadata={"help": "gate_step: number of equal drops"})
+    l1_weight: float = dataclasses.field(default=1e-2, metadata={"help": "l1_ramp: final weight of the L1 penalty on S"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"option 'threshold' must be in (0, 1), got {self.threshold}")
+        if not 0.0 <= self.schedule_start <= self.schedule_end <= 1.0:
+            raise ValueError("options 'schedule_start' <= 'schedule_end' must lie in [0, 1], got "
+                             f"{self.schedule_start} and {self.schedule_end}")
+        if self.gate_steps < 1:
+            raise ValueError(f"option 'gate_steps' must be >= 1, got {self.gate_steps}")
+        if self.l1_weight < 0:
+            raise ValueError(f"option 'l1_weight' must be >= 0, got {self.l1_weight}")
+
+
+class CastlingAttention(LinearAngularAttention):
+    """Castling: linear-angular + DWConv + auxiliary masked softmax in training; castle() drops the branch."""
+
+    Options = CastlingOptions
+
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs):
+        super().__init__(dim, num_heads=num_heads, **kwargs)
+        self.progress = 0.0
+        self.castled = False
+        self._penalty: Optional[torch.Tensor] = None
+        self._stats: dict[str, torch.Tensor] = {}
+
+    def set_progress(self, progress: float) -> None:
+        self.progress = float(progress)
+
+    def branch(self) -> Optional[BranchState]:
+        """The auxiliary branch's state now; None when castled or emptied by the schedule."""
+        if self.castled:
+            return None
+        o = self.options
+        return branch_state(o.mask_schedule, self.progress, threshold=o.threshold, start=o.schedule_start,
+                            end=o.schedule_end, gate_steps=o.gate_steps, l1_weight=o.l1_weight)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        y = self.kernel_mix(q, k, v)
+        state = self.branch()
+        self._penalty = None
+        self._stats = {}
+        if state is not None:
+            s = self.masked_softmax(q, k, state)
+            sv = s @ v
+            y = y + sv
+            if state.l1_weight > 0:
+                self._penalty = state.l1_weight * s.sum(dim=-1).mean()  # S >= 0, so L1 = row sum
+            self._stats = {"branch_ratio": sv.detach().norm() / y.detach().norm().clamp_min(1e-12)}
+            self._stats["mask_density"] = (s.detach() > 0).float().mean()
+        return self.finish(y, v)
+
+    def masked_softmax(self, q: torch.Tensor, k: torch.Tensor, state: BranchState) -> torch.Tensor:
+        """S = gate * 1[A > threshold] * A with A = softmax(q k^T / sqrt(d)) on the raw q, k."""
+        attn = torch.softmax((q * self.head_dim ** -0.5) @ k.transpose(-2, -1), dim=-1)
+        keep = (attn.detach() > state.threshold).to(attn.dtype)
+        return self.attn_drop(attn * keep * state.gate)
+
+    def regularization(self) -> torch.Tensor:
+        return self._penalty if self._penalty is not None else super().regularization()
+
+    def diagnostics(self) -> dict[str, float]:
+        """Mask density (fraction of kept entries) and |S v| / |y before normalisation|, last forward."""
+        if self.branch() is None:
+            return {"mask_density": 0.0, "branch_ratio": 0.0}
+        return {name: float(value) for name, value in self._stats.items()}
+
+    def castle(self) -> "CastlingAttention":
+        self.castled = True
+        self._penalty = None
+        self._stats = {}
+        return self
+
+
+CastlingNoDWConv = preset(CastlingAttention, "Castling without the DWConv residual (ablation).", residual="none")
+CastlingNoAux = preset(CastlingAttention, "Castling without the auxiliary masked softmax branch (ablation).",
+                       mask_schedule="none")
+CastlingNoNorm = preset(CastlingAttention, "Castling without the output normalisation (ablation).",
+                        normalize_output=False)
+CastlingFaithful = preset(CastlingAttention, "Castling with the faithful kernel constant and row sum (ablation).",
+                          constant="faithful")

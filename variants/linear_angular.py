@@ -1,0 +1,118 @@
+"""Linear-angular attention, the Castling-ViT inference block (castling-spec.md section 2).
+
+    Y = proj(merge(normalize(0.5 v + (1/pi) q^ (k^^T v)) + DWConv(v)))
+
+with q^ = q/|q|, k^ = k/|k| per token and head. No Python loop over heads or tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnbench.variant import AttentionVariant
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAngularOptions:
+    residual: Literal["none", "dwconv", "dwconv2d"] = dataclasses.field(
+        default="dwconv", metadata={"help": "stand-in for the high-order residual: none, "
+                                             "depthwise conv along tokens (official), 2-D over the grid"})
+    kernel_size: int = dataclasses.field(default=9, metadata={"help": "dwconv taps along tokens (odd)"})
+    grid_kernel_size: int = dataclasses.field(default=3, metadata={"help": "dwconv2d kernel side (odd)"})
+    num_prefix_tokens: int = dataclasses.field(
+        default=-1, metadata={"help": "dwconv2d: class/register tokens before the grid; -1 infers "
+                                      "N - isqrt(N)^2. They get no conv term."})
+    normalize_output: bool = dataclasses.field(default=True, metadata={"help": "y / |y| per token and head"})
+    constant: Literal["official", "faithful"] = dataclasses.field(
+        default="official", metadata={"help": "official: 0.5 v, no row normaliser; faithful: "
+                                               "0.5 sum(v) and division by the kernel row sum"})
+    eps: float = dataclasses.field(default=1e-6, metadata={"help": "norm floor (the official code has none)"})
+
+    def __post_init__(self):
+        for name in ("kernel_size", "grid_kernel_size"):
+            size = getattr(self, name)
+            if size < 1 or size % 2 == 0:
+                raise ValueError(f"option '{name}' must be a positive odd integer, got {size}")
+        if self.eps <= 0:
+            raise ValueError(f"option 'eps' must be > 0, got {self.eps}")
+
+
+class LinearAngularAttention(AttentionVariant):
+    """Linear-angular attention (official Castling-ViT inference block): 0.5 v + q^(k^^T v)/pi, normalised, + DWConv."""
+
+    Options = LinearAngularOptions
+
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs):
+        super().__init__(dim, num_heads=num_heads, **kwargs)
+        opts = self.options
+        if opts.residual == "dwconv":
+            size = opts.kernel_size
+            # Official: one filter per head along the token axis, shared over the d channels.
+            self.dconv = nn.Conv2d(num_heads, num_heads, (size, 1), padding=(size // 2, 0),
+                                   groups=num_heads, bias=False)
+        elif opts.residual == "dwconv2d":
+            size = opts.grid_kernel_size
+            self.dconv = nn.Conv2d(dim, dim, size, padding=size // 2, groups=dim, bias=False)
+        else:
+            self.dconv = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.finish(self.kernel_mix(q, k, v), v)
+
+    def kernel_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The linear term of the angular kernel applied to v, before output normalisation."""
+        eps = self.options.eps
+        q_hat = F.normalize(q, dim=-1, eps=eps)
+        k_hat = F.normalize(k, dim=-1, eps=eps)
+        context = k_hat.transpose(-2, -1) @ v                         # (B, h, d, d), no 1/N
+        if self.options.constant == "official":
+            return 0.5 * v + (q_hat @ context) / math.pi
+        numerator = 0.5 * v.sum(dim=-2, keepdim=True) + (q_hat @ context) / math.pi
+        row_sum = 0.5 * v.shape[-2] + (q_hat @ k_hat.sum(dim=-2, keepdim=True).transpose(-2, -1)) / math.pi
+        return numerator / row_sum
+
+    def finish(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Output normalisation, then the (unnormalised) convolution residual on the raw v."""
+        if self.options.normalize_output:
+            y = F.normalize(y, dim=-1, eps=self.options.eps)
+        if self.dconv is not None:
+            y = y + self.conv_residual(v)
+        return y
+
+    def conv_residual(self, v: torch.Tensor) -> torch.Tensor:
+        if self.options.residual == "dwconv":
+            return self.dconv(v)                      # (B, h, N, d) is (batch, channels, H, W)
+        B, h, N, d = v.shape
+        prefix, side = self.token_grid(N)
+        grid = v[:, :, prefix:].permute(0, 1, 3, 2).reshape(B, h * d, side, side)
+        out = self.dconv(grid).reshape(B, h, d, side * side).permute(0, 1, 3, 2)
+        return F.pad(out, (0, 0, prefix, 0))          # prefix tokens get no conv term
+
+    def token_grid(self, num_tokens: int) -> tuple[int, int]:
+        """(number of prefix tokens, side of the square token grid) for ``dwconv2d``."""
+        prefix = self.options.num_prefix_tokens
+        if prefix < 0:
+            prefix = num_tokens - math.isqrt(num_tokens) ** 2
+        side = math.isqrt(num_tokens - prefix)
+        if prefix > num_tokens or side * side != num_tokens - prefix:
+            raise ValueError(f"variant '{self._label()}': residual 'dwconv2d' needs a square token grid, "
+                             f"got {num_tokens} tokens with {prefix} prefix tokens")
+        return prefix, side
+
+    def core_macs(self, num_tokens: int) -> int:
+        n, c = num_tokens, self.dim
+        macs = 2 * n * c * self.head_dim                     # k^^T v and q^ (k^^T v)
+        if self.options.constant == "faithful":
+            macs += n * c                                    # q^ . sum(k^), the row sum
+        if self.options.residual == "dwconv":
+            macs += self.options.kernel_size * n * c
+        elif self.options.residual == "dwconv2d":
+            prefix, side = self.token_grid(n)
+            macs += self.options.grid_kernel_size ** 2 * side * side * c
+        return macs
