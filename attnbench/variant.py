@@ -217,11 +217,18 @@ class AttentionVariant(nn.Module):
         opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
         return f"dim={self.dim}, num_heads={self.num_heads}" + (f", {opts}" if opts else "")
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, N, C) -> (B, N, C)."""
-        if attn_mask is not None and not self.supports_attn_mask:
-            raise ValueError(f"variant '{self._label()}' does not support attn_mask")
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C). ``is_causal`` becomes a boolean lower-triangular mask."""
         B, N, C = x.shape
+        if is_causal:
+            causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+            if attn_mask is None or attn_mask.dtype == torch.bool:
+                attn_mask = causal if attn_mask is None else causal & attn_mask
+            else:  # additive float mask
+                attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None and not self.supports_attn_mask:
+            raise ValueError(f"variant '{self._label()}' does not support attn_mask or is_causal")
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         y = self.attend(q, k, v, attn_mask)

@@ -1,0 +1,220 @@
+"""Conformance checks every variant must pass, for attnbench's own tests and for plugin authors.
+
+A plugin author subclasses one class in their test suite::
+
+    from attnbench.testing import VariantConformance
+
+    class TestMyAttention(VariantConformance):
+        variant = "my-attention"          # the registered name
+        options = {"feature_dim": 32}     # optional: options to build it with
+
+and pytest runs every check. ``attnbench variants --check`` runs the same checks without pytest.
+Each check is a plain function ``check_x(variant, options)`` that raises ``AssertionError``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import traceback
+from typing import Any, Callable, Optional
+
+import torch
+
+from attnbench.registry import build_attention, get_variant, variant_class
+from attnbench.variant import option_specs
+
+__all__ = ["CHECKS", "CheckResult", "VariantConformance", "run_checks"]
+
+DIM, HEADS, TOKENS, BATCH = 48, 3, 17, 2   # 17 = 16 grid tokens + a class token
+
+
+def _layer(variant: str, options: dict, **kwargs):
+    torch.manual_seed(0)
+    return build_attention(variant, DIM, HEADS, **options, **kwargs)
+
+
+def _input(dtype=torch.float32, requires_grad=False) -> torch.Tensor:
+    x = torch.randn(BATCH, TOKENS, DIM, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def check_shape_and_dtype(variant: str, options: dict) -> None:
+    """(B, N, C) -> (B, N, C), in float32 and float64, finite."""
+    for dtype in (torch.float32, torch.float64):
+        layer = _layer(variant, options).to(dtype)
+        y = layer(_input(dtype))
+        assert y.shape == (BATCH, TOKENS, DIM), f"output shape {tuple(y.shape)}"
+        assert y.dtype == dtype, f"output dtype {y.dtype} for input {dtype}"
+        assert torch.isfinite(y).all(), "non-finite output"
+
+
+def check_interface(variant: str, options: dict) -> None:
+    """timm's submodule names and the hook methods exist and behave."""
+    layer = _layer(variant, options)
+    assert isinstance(layer.qkv, torch.nn.Linear) and layer.qkv.out_features == 3 * DIM, "qkv must be Linear C -> 3C"
+    assert isinstance(layer.proj, torch.nn.Linear) and layer.proj.in_features == DIM, "proj must be Linear C -> C"
+    layer.set_progress(0.5)
+    reg = layer.regularization()
+    assert isinstance(reg, torch.Tensor) and reg.dim() == 0, "regularization() must return a scalar tensor"
+    assert isinstance(layer.diagnostics(), dict), "diagnostics() must return a dict"
+    assert isinstance(layer.macs(TOKENS), int) and layer.macs(TOKENS) > 0, "macs(N) must be a positive int"
+
+
+def check_gradients(variant: str, options: dict) -> None:
+    """Gradients reach the input, qkv and proj, and are finite."""
+    layer = _layer(variant, options).train()
+    x = _input(requires_grad=True)
+    (layer(x).square().mean() + layer.regularization()).backward()
+    for name in ("qkv", "proj"):
+        grad = getattr(layer, name).weight.grad
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}"
+        assert torch.isfinite(grad).all(), f"non-finite gradient in {name}"
+    assert x.grad is not None and torch.isfinite(x.grad).all(), "input gradient missing or non-finite"
+
+
+def check_determinism(variant: str, options: dict) -> None:
+    """Same weights, same input: bit-identical output (eval mode)."""
+    layer = _layer(variant, options).eval()
+    x = _input()
+    assert torch.equal(layer(x), layer(x)), "two forwards differ"
+    twin = _layer(variant, options).eval()
+    assert torch.equal(layer(x), twin(x)), "two layers built with the same seed differ"
+
+
+def check_zero_token(variant: str, options: dict) -> None:
+    """A zero token (q = k = v = 0 without biases) gives no NaN, forward or backward."""
+    layer = _layer(variant, options).train()
+    x = _input().clone()
+    x[:, 3] = 0.0
+    x.requires_grad_(True)
+    y = layer(x)
+    assert torch.isfinite(y).all(), "non-finite output with a zero token"
+    (y.sum() + layer.regularization()).backward()
+    assert torch.isfinite(x.grad).all(), "non-finite input gradient with a zero token"
+    for name, param in layer.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), f"non-finite gradient in {name}"
+
+
+def _wrong_value(spec) -> Any:
+    return {"bool": "yes", "int": 1.5, "float": "x", "str": 3, "choice": "__not_a_choice__"}[spec.kind]
+
+
+def check_options_validation(variant: str, options: dict) -> None:
+    """Unknown options and wrong types raise ValueError naming the variant and the option."""
+    try:
+        _layer(variant, {**options, "definitely_not_an_option": 1})
+    except ValueError as err:
+        assert "definitely_not_an_option" in str(err) and variant in str(err), f"unclear message: {err}"
+    else:
+        raise AssertionError("an unknown option was accepted")
+    for spec in option_specs(get_variant(variant)):
+        try:
+            _layer(variant, {**options, spec.name: _wrong_value(spec)})
+        except ValueError as err:
+            assert spec.name in str(err), f"message does not name option {spec.name!r}: {err}"
+        else:
+            raise AssertionError(f"option {spec.name!r} accepted a value of the wrong type")
+
+
+def check_castle(variant: str, options: dict) -> None:
+    """castle() returns self, keeps the state dict, and afterwards training progress changes nothing."""
+    layer = _layer(variant, options).eval()
+    keys = {k: v.shape for k, v in layer.state_dict().items()}
+    assert layer.castle() is layer, "castle() must return self"
+    assert {k: v.shape for k, v in layer.state_dict().items()} == keys, "castle() changed the state dict"
+    x = _input()
+    outputs = []
+    for progress in (0.0, 0.5, 1.0):
+        layer.set_progress(progress)
+        outputs.append(layer(x))
+    assert all(torch.equal(outputs[0], o) for o in outputs), "castled output depends on training progress"
+    assert torch.equal(layer.castle()(x), outputs[0]), "castle() is not idempotent"
+    assert layer.regularization().item() == 0.0, "a castled layer must add no regularisation"
+
+
+def check_macs(variant: str, options: dict) -> None:
+    """macs(N) agrees with torch's FlopCounterMode (SDPA math backend) within 1%, castled."""
+    from attnbench.measure import count_macs_reference
+
+    for tokens in (TOKENS, 65):
+        layer = copy.deepcopy(_layer(variant, options)).castle()
+        counted = count_macs_reference(layer, (tokens, DIM))
+        analytic = layer.macs(tokens)
+        assert abs(counted - analytic) <= 0.01 * analytic, \
+            f"macs({tokens}) = {analytic:,} but the counter says {counted:,}"
+
+
+def check_timm_drop_in(variant: str, options: dict) -> None:
+    """The variant works as timm's ``attn_layer`` in a VisionTransformer, forward and backward."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=DIM, depth=2,
+                              num_heads=HEADS, attn_layer=variant_class(variant, **options))
+    images = torch.randn(2, 3, 16, 16)
+    logits = model(images)
+    assert logits.shape == (2, 5), f"logits shape {tuple(logits.shape)}"
+    logits.sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None, "no gradient through the timm model"
+
+
+CHECKS: list[Callable[[str, dict], None]] = [
+    check_interface,
+    check_shape_and_dtype,
+    check_gradients,
+    check_determinism,
+    check_zero_token,
+    check_options_validation,
+    check_castle,
+    check_macs,
+    check_timm_drop_in,
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    check: str
+    passed: bool
+    message: str = ""
+
+
+def run_checks(variant: str, options: Optional[dict] = None) -> list[CheckResult]:
+    """Run every conformance check on ``variant``; never raises for a failing check."""
+    results = []
+    for check in CHECKS:
+        try:
+            check(variant, dict(options or {}))
+        except AssertionError as err:
+            results.append(CheckResult(check.__name__, False, str(err)))
+        except Exception as err:  # a crash is a failed check, reported in one line
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            results.append(CheckResult(check.__name__, False,
+                                       f"{type(err).__name__}: {err} ({where.filename}:{where.lineno})"))
+        else:
+            results.append(CheckResult(check.__name__, True))
+    return results
+
+
+class VariantConformance:
+    """Subclass in a pytest module and set ``variant`` (and ``options``) to run every check."""
+
+    variant: str = ""
+    options: dict = {}
+
+    def _run(self, check) -> None:
+        if not self.variant:
+            raise AssertionError(f"{type(self).__name__}.variant is not set")
+        check(self.variant, dict(self.options))
+
+
+def _as_test(check: Callable[[str, dict], None]):
+    def test(self) -> None:
+        self._run(check)
+
+    test.__name__ = "test_" + check.__name__.removeprefix("check_")
+    test.__doc__ = check.__doc__
+    return test
+
+
+for _check in CHECKS:  # one test method per check, so a new check needs no second edit
+    setattr(VariantConformance, _as_test(_check).__name__, _as_test(_check))
