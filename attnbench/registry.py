@@ -97,11 +97,18 @@ def _discover() -> dict[str, list[_Entry]]:
     global _discovered
     if _discovered is None:
         found: dict[str, list[_Entry]] = {}
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = ep.dist.name if ep.dist is not None else "(unknown distribution)"
-            entries = found.setdefault(ep.name, [])
-            if all(e.distribution != dist for e in entries):
-                entries.append(_Entry(ep.name, dist, ep.value, ep.load))
+        seen: set[str] = set()
+        # Walk distributions ourselves: entry_points(group=...) keeps one entry per name and
+        # would hide a second distribution claiming the same name.
+        for dist in importlib.metadata.distributions():
+            dist_name = dist.metadata["Name"] or "(unnamed distribution)"
+            key = dist_name.lower().replace("_", "-")
+            if key in seen:  # the same distribution further down sys.path
+                continue
+            seen.add(key)
+            for ep in dist.entry_points:
+                if ep.group == ENTRY_POINT_GROUP:
+                    found.setdefault(ep.name, []).append(_Entry(ep.name, dist_name, ep.value, ep.load))
         for name, entries in found.items():
             if len(entries) > 1:
                 _warn_conflict(name, entries)
