@@ -3,8 +3,10 @@ errors the user can fix are printed as one line, with a non-zero exit and no tra
 """
 from __future__ import annotations
 
+import json
 import sys
 import warnings
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -34,20 +36,295 @@ def main() -> None:
 
 
 @main.command("variants")
-def variants_command() -> None:
+@click.option("--check", is_flag=True, help="Run the conformance checks on every variant.")
+def variants_command(check: bool) -> None:
     """List every registered attention variant with its options."""
-    table = Table(title="attnbench variants", show_lines=False)
+    table = Table(title="attnbench variants")
     for column in ("name", "distribution", "options (defaults)", "description"):
         table.add_column(column, overflow="fold")
+    if check:
+        table.add_column("conformance", overflow="fold")
+    failed = 0
     for name in registry.list_variants():
         try:
             info = registry.variant_info(name)
         except registry.VariantError as err:
             warnings.warn(str(err))
+            failed += 1
             continue
         options = "\n".join(spec.describe() for spec in info.options) or "-"
-        table.add_row(name, info.distribution, options, info.description)
+        row = [name, info.distribution, options, info.description]
+        if check:
+            row.append(_conformance_cell(name))
+            failed += not row[-1].startswith("[green]")
+        table.add_row(*row)
     console.print(table)
+    if check and failed:
+        fail(f"{failed} variant(s) failed to load or failed conformance checks")
+
+
+def _conformance_cell(name: str) -> str:
+    from attnbench.testing import run_checks  # lazy: pulls in timm and the counters
+
+    results = run_checks(name)
+    failures = [r for r in results if not r.passed]
+    if not failures:
+        return f"[green]{len(results)}/{len(results)} passed[/]"
+    return "[red]" + "\n".join(f"{r.check}: {r.message}" for r in failures) + "[/]"
+
+
+@main.command("sweep")
+@click.argument("experiment_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite file under the results folder).")
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path),
+              help="Results folder; rows go to RESULTS/<study>/trials/.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan (trials, MACs per configuration); train nothing.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Local worker processes sharing the study.")
+@click.option("--worker-index", default=0, hidden=True, type=click.IntRange(min=0))
+def sweep_command(experiment_file: Path, storage, results_dir: Path, device: str, dry_run: bool, workers: int,
+                  worker_index: int) -> None:
+    """Run (or resume) the Optuna study described by EXPERIMENT_FILE."""
+    from attnbench.experiment import ExperimentError, load_experiment
+
+    try:
+        experiment = load_experiment(experiment_file)
+    except ExperimentError as err:
+        fail(str(err))
+    if dry_run:
+        _print_plan(experiment)
+        return
+    if workers > 1:
+        _run_workers(experiment_file, experiment, storage, results_dir, device, workers)
+        return
+    _run_sweep(experiment, storage, results_dir, device, worker_index)
+
+
+def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index: int) -> None:
+    from attnbench import sweep
+    from attnbench.data import DataError
+
+    display = RichSweepDisplay(experiment)
+    try:
+        with display:
+            summary = sweep.run_sweep(experiment, results_dir=results_dir, storage=storage, device=device,
+                                      worker_index=worker_index, display=display)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted:[/] finished trials are stored; run the same command again "
+                          "to resume.")
+        sys.exit(130)
+    except DataError as err:
+        fail(f"{experiment.source}: field 'data': {err}")
+    except sweep.StorageError as err:
+        fail(str(err))
+    console.print(f"study [bold]{summary.study}[/]: {summary.done} trials finished "
+                  f"({summary.failed} failed), {summary.ran_here} run now; rows in {summary.results}/trials; "
+                  f"storage {summary.storage}")
+    console.print(f"next: [bold]attnbench report --results {results_dir}[/]")
+
+
+def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, device: str, workers: int) -> None:
+    """Start ``workers`` local processes on one study; each pulls trials from the shared storage."""
+    import subprocess
+
+    from attnbench import sweep
+
+    url = sweep.storage_url(experiment, results_dir, storage)
+    sweep.open_study(experiment, url, experiment.sampler_seed)   # create it once, before the workers race
+    command = [sys.executable, "-m", "attnbench.cli", "sweep", str(experiment_file), "--storage", url,
+               "--results", str(results_dir), "--device", device]
+    procs = [subprocess.Popen(command + ["--worker-index", str(i)]) for i in range(workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.wait()
+        sys.exit(130)
+    if any(codes):
+        fail(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error (codes {codes})")
+
+
+def _print_plan(experiment) -> None:
+    from attnbench import sweep
+    from attnbench.data import DataError
+
+    try:
+        arch, rows = sweep.plan(experiment)
+    except DataError as err:
+        fail(f"{experiment.source}: field 'data': {err}")
+    table = Table(title=f"plan of study '{experiment.name}' ({experiment.source})")
+    for column in ("configuration", "variant", "options", "MACs (inference)", "attention MACs", "params"):
+        table.add_column(column, overflow="fold")
+    for config, costs in rows:
+        table.add_row(config.label, config.variant, json.dumps(config.options, sort_keys=True),
+                      f"{costs['macs']:,}", f"{costs['attention_macs']:,}", f"{costs['params']:,}")
+    console.print(table)
+    n_trials = experiment.n_trials()
+    continuous = "" if experiment.plan() else \
+        f" (continuous search space: configurations sampled by {experiment.sampler})"
+    console.print(f"{n_trials if n_trials is not None else 'time-limited'} trials x {len(experiment.seeds)} seeds "
+                  f"{list(experiment.seeds)}; sampler {experiment.sampler}; objectives "
+                  f"{', '.join(f'{o.direction} {o.metric}' for o in experiment.objectives)}; model {arch} "
+                  f"on {experiment.dataset}, {rows[0][1]['num_tokens']} tokens{continuous}")
+
+
+class RichSweepDisplay:
+    """Trials done, running and failed, and the best so far, as a Rich live progress bar."""
+
+    def __init__(self, experiment):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.experiment = experiment
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err_console)
+        self.task = self.progress.add_task(f"sweep {experiment.name}", total=None, status="")
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def update(self, study, state, target) -> None:
+        best = self._best(study)
+        status = f"running {state.running}  failed {state.failed}" + (f"  best {best}" if best else "")
+        self.progress.update(self.task, completed=state.done, total=target, status=status)
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(f"[red]{message}[/]", highlight=False)
+
+    def _best(self, study) -> str:
+        try:
+            if len(self.experiment.objectives) > 1:
+                return f"{len(study.best_trials)} on the Pareto front"
+            trial = study.best_trial
+        except ValueError:  # no complete trial yet
+            return ""
+        return f"{self.experiment.objectives[0].metric}={trial.value:.4g} ({trial.user_attrs.get('label', '')})"
+
+
+@main.command("bench")
+@click.option("--variants", default="softmax,linear,linear-angular,castling", show_default=True,
+              help="Comma-separated variant names; softmax is the crossover baseline.")
+@click.option("--tokens", default="197,785,3137", show_default=True, help="Comma-separated token counts N.")
+@click.option("--dim", default=192, show_default=True, help="Width C.")
+@click.option("--heads", default=3, show_default=True, help="Attention heads h.")
+@click.option("--batch", default=4, show_default=True, help="Batch size of timed forwards (MACs are per sample).")
+@click.option("--level", default="layer", show_default=True, help="layer: one attention layer; model: a timm ViT.")
+@click.option("--depth", default=12, show_default=True, help="Model level: number of blocks.")
+@click.option("--patch", default=16, show_default=True, help="Model level: patch size (image side = sqrt(N-1)*patch).")
+@click.option("--threads", type=int, default=None, help="Torch threads [default: every core available].")
+@click.option("--repeats", default=3, show_default=True, help="Fresh timing processes (spread is across them).")
+@click.option("--samples", default=15, show_default=True, help="Timed blocks per variant and N in each process.")
+@click.option("--warmup", default=2, show_default=True, help="Untimed calls per variant and N before any timing.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--out", default="results", show_default=True, help="Result store root (rows and plot in out/benchmarks/).")
+@click.option("--memory/--no-memory", default=True, show_default=True, help="Measure peak memory of one forward.")
+def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, threads, repeats, samples, warmup,
+                  device, out, memory) -> None:
+    """Scaling benchmark: MACs, parameters, latency and memory of variants against token count."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from attnbench import bench  # lazy: pulls in timm and the counters
+
+    try:
+        config = bench.BenchConfig(
+            variants=bench.parse_variants(variants), tokens=bench.parse_tokens(tokens), dim=dim, heads=heads,
+            batch=batch, level=level, depth=depth, patch=patch, threads=threads, repeats=repeats,
+            samples=samples, warmup=warmup, device=device, out=out, memory=memory).validate()
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=err_console, transient=True) as progress:
+            result = bench.run_benchmark(config, progress=progress)
+    except (bench.BenchError, registry.VariantError) as err:
+        fail(str(err))
+    for item in bench.render(result):
+        console.print(item)
+    console.print(f"rows: {result.rows_path}\nplot: {result.plot_path}", highlight=False)
+
+
+@main.command("report")
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path),
+              help="Result store to read (every Parquet file below it).")
+@click.option("--study", "studies", multiple=True, help="Only this study (repeatable).")
+@click.option("--label", "labels", multiple=True, help="Only this configuration label (repeatable).")
+@click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable).")
+@click.option("--filter", "filters", multiple=True,
+              help="Keep rows matching a pandas query on the summary's columns, e.g. 'macs<1e8' (repeatable).")
+@click.option("--sort", default=None, help="Sort by this column [default: study, then top-1 best first].")
+@click.option("--desc", is_flag=True, help="Sort descending.")
+@click.option("--columns", default=None, help="Comma-separated columns [default: the paper table; csv/json: all].")
+@click.option("--baseline", default=None, help="Configuration label to compare with [default: softmax, if present].")
+@click.option("--format", "fmt", default="table", show_default=True,
+              type=click.Choice(["table", "csv", "markdown", "json"]))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the output here, not to stdout.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the PNG plots [default: RESULTS/plots].")
+@click.option("--no-plots", is_flag=True, help="Write no PNG plots.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write one HTML page with the tables and the plots embedded.")
+def report_command(results_dir: Path, studies, labels, variants, filters, sort, desc, columns, baseline, fmt, out,
+                   plots_dir, no_plots, html_file) -> None:
+    """Tables, Pareto fronts and plots: one row per configuration, mean ± std over seeds."""
+    from attnbench import report
+
+    try:
+        trials, bench = report.load_results(results_dir)
+        if trials.empty and fmt != "table":
+            raise report.ReportError(f"no trial rows under '{results_dir}' to export (only benchmark rows)")
+        frame = trials if trials.empty else report.select(report.summarize(trials, baseline), studies, labels,
+                                                          variants, filters, sort, desc)
+        chosen = report.check_columns(frame, columns.split(","), "--columns") if columns and not trials.empty \
+            else None
+    except report.ReportError as err:
+        fail(str(err))
+    notes = err_console if fmt != "table" and out is None else console
+    if trials.empty:
+        notes.print(f"no trial rows under '{results_dir}': no table, plots from benchmark rows only")
+    elif frame.empty:
+        fail("no configuration matches --study/--label/--variant/--filter")
+    elif fmt == "table":
+        _print_tables(report.rich_tables(frame, chosen or report.DEFAULT_COLUMNS), out)
+    elif out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report.export(frame, fmt, chosen))
+    else:
+        click.echo(report.export(frame, fmt, chosen), nl=False)
+    if out is not None:
+        notes.print(f"{fmt}: {out}", highlight=False)
+    bench = bench[bench["variant"].isin(variants)] if variants and "variant" in bench else bench
+    _report_plots(frame, trials, bench, None if no_plots else plots_dir or results_dir / "plots", html_file,
+                  chosen or report.DEFAULT_COLUMNS, notes)
+
+
+def _print_tables(tables: list, out) -> None:
+    if out is None:
+        for table in tables:
+            console.print(table)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as handle:
+        Console(file=handle, width=200).print(*tables)
+
+
+def _report_plots(frame, trials, bench, plots_dir, html_file, columns, notes) -> None:
+    """Write the PNG plots to ``plots_dir`` (None: none) and the HTML page; say where."""
+    import tempfile
+
+    from attnbench import plots, report
+
+    if plots_dir is None and html_file is None:
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        images = plots.write_plots(frame, trials, bench, plots_dir or Path(scratch))
+        if html_file is not None:
+            html_file.parent.mkdir(parents=True, exist_ok=True)
+            html_file.write_text(report.html_page(frame, columns, images))
+            notes.print(f"html: {html_file}", highlight=False)
+    if plots_dir is not None:
+        names = ", ".join(p.name for p in images) or "none (no data to plot)"
+        notes.print(f"plots in {plots_dir}/: {names}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,420 @@
+"""Tables of a result store: one row per configuration, compared with a baseline.
+
+The data side (:func:`load_results`, :func:`summarize`, :func:`select`) returns plain
+DataFrames; the rendering side (:func:`rich_tables`, :func:`export`, :func:`html_page`) turns
+a summary into text. Plots live in :mod:`attnbench.plots`.
+
+A configuration is one (study, label, options): a swept option makes several configurations
+of one label. Per configuration, over its complete seeds (failed and pruned rows are counted,
+never averaged in): top-1 mean and sample std (n shown), top-1 before castling, switch cost,
+the difference from the study's baseline with Welch's t-test, MACs and the reduction against
+the baseline, parameters, latency and memory, and Pareto marks.
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import html
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from attnbench import store
+from attnbench.variant import did_you_mean
+
+__all__ = ["ReportError", "BASELINE", "ALPHA", "DEFAULT_COLUMNS", "FORMATS", "load_results", "prepare_trials",
+           "summarize", "pareto_front", "welch_p", "select", "apply_filter", "check_columns", "rich_tables", "export",
+           "html_page"]
+
+BASELINE = "softmax"   #: default baseline label (used when a study has it)
+ALPHA = 0.05           #: significance level of "beyond seed noise"
+KEYS = ["study", "label", "options"]
+FORMATS = ("table", "csv", "markdown", "json")
+#: Columns of the table, markdown and HTML views unless ``--columns`` says otherwise.
+DEFAULT_COLUMNS = ("config", "n", "top1", "top1_train_form", "switch_cost", "delta_top1", "beyond_noise", "macs",
+                   "macs_reduction_pct", "params", "latency_median_ms", "peak_memory_mb", "pareto", "failed",
+                   "pruned")
+_MEANS = ("top1_train_form", "switch_cost", "best_val_top1", "mask_density_end", "branch_ratio_end", "wall_time_s")
+_MEDIANS = ("macs", "attention_macs", "params", "num_tokens", "latency_median_ms", "latency_iqr_ms",
+            "samples_per_s", "peak_memory_mb", "forward_memory_mb")
+_FIRSTS = ("variant", "arch", "dataset", "checkpoint")
+
+
+class ReportError(ValueError):
+    """Results that cannot be reported, or a bad request (unknown column, study, filter)."""
+
+
+# ------------------------------------------------------------------------------------ data
+
+def load_results(results: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trial rows and benchmark rows under ``results``.
+
+    Raises:
+        ReportError: a missing folder, no rows at all, or files of another schema version.
+    """
+    root = Path(results)
+    if not root.is_dir():
+        raise ReportError(f"results folder '{root}' does not exist (give one with --results DIR)")
+    try:
+        rows = store.read_rows(root)
+    except store.StoreError as err:
+        raise ReportError(str(err)) from None
+    if rows.empty or "kind" not in rows:
+        raise ReportError(f"no result rows under '{root}': run `attnbench sweep EXPERIMENT.yaml` or "
+                          f"`attnbench bench` first")
+    pick = lambda kind: rows[rows["kind"] == kind].dropna(axis=1, how="all").reset_index(drop=True)  # noqa: E731
+    return pick("trial"), pick("benchmark")
+
+
+def summarize(trials: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFrame:
+    """One row per (study, label, options), sorted by study then top-1 (best first).
+
+    Args:
+        trials: trial rows (``kind == "trial"``), one per (trial, seed).
+        baseline: label (or config name) to compare with; default ``"softmax"`` where present.
+
+    Returns:
+        Columns ``study, label, config, variant, options, n, failed, pruned, top1, top1_std,
+        top1_train_form, switch_cost, baseline, delta_top1, p_value, beyond_noise, macs,
+        macs_reduction_pct, params, latency_median_ms, peak_memory_mb, pareto_macs,
+        pareto_latency, pareto`` and more (means/medians of other measured columns, ``opt_*``).
+
+    Raises:
+        ReportError: no trial rows, or an explicit ``baseline`` that no study has.
+    """
+    if trials.empty:
+        raise ReportError("no trial rows to summarize (run `attnbench sweep EXPERIMENT.yaml` first)")
+    t = prepare_trials(trials)
+    groups = list(t.groupby(KEYS, sort=False))
+    summary = pd.DataFrame([_config_row(key, group) for key, group in groups])
+    summary.insert(2, "config", _config_names(summary))
+    seeds = [_complete(group)["top1"].dropna().to_numpy(float) for _, group in groups]
+    summary = _compare(summary, seeds, baseline)
+    summary = _mark_pareto(summary)
+    return summary.sort_values(["study", "top1"], ascending=[True, False], na_position="last",
+                               kind="stable").reset_index(drop=True)
+
+
+def prepare_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """A copy of the trial rows with the columns the summary reads, keys and status filled in."""
+    t = trials.copy()
+    for column in ("study", "label", "variant", "seed", "status", "top1", *_MEANS, *_MEDIANS, *_FIRSTS):
+        if column not in t:
+            t[column] = pd.NA
+    t["study"] = t["study"].fillna("(no study)")
+    t["label"] = t["label"].fillna(t["variant"]).fillna("(no label)")
+    t["options"] = t["options"].fillna("{}") if "options" in t else "{}"
+    t["status"] = t["status"].fillna("complete")
+    return t
+
+
+def _complete(group: pd.DataFrame) -> pd.DataFrame:
+    """Complete rows, one per seed (a re-run of a seed replaces the earlier row)."""
+    return group[group["status"] == "complete"].drop_duplicates("seed", keep="last")
+
+
+def _num(series: pd.Series, how: str) -> float:
+    values = pd.to_numeric(series, errors="coerce").dropna()
+    return float(getattr(values, how)()) if len(values) else math.nan
+
+
+def _config_row(key: tuple, group: pd.DataFrame) -> dict:
+    done = _complete(group)
+    top1 = pd.to_numeric(done["top1"], errors="coerce").dropna()
+    row = dict(zip(KEYS, key))
+    row.update({c: next(iter(group[c].dropna()), None) for c in _FIRSTS})
+    row.update(n=len(top1), failed=int((group["status"] == "failed").sum()),
+               pruned=int((group["status"] == "pruned").sum()),
+               top1=float(top1.mean()) if len(top1) else math.nan,
+               top1_std=float(top1.std(ddof=1)) if len(top1) > 1 else math.nan)
+    row.update({c: _num(done[c], "mean") for c in _MEANS})
+    row.update({c: _num(group[c], "median") for c in _MEDIANS})
+    row.update({c: next(iter(group[c].dropna()), None) for c in group if c.startswith("opt_")})
+    return row
+
+
+def _config_names(summary: pd.DataFrame) -> list[str]:
+    """The label, plus the options that tell apart configurations sharing it."""
+    names = []
+    for _, row in summary.iterrows():
+        siblings = summary[(summary["study"] == row["study"]) & (summary["label"] == row["label"])]
+        if len(siblings) == 1:
+            names.append(row["label"])
+            continue
+        options = [json.loads(o) for o in siblings["options"]]
+        own = json.loads(row["options"])
+        differing = {k: v for k, v in own.items() if any(o.get(k) != v for o in options)}
+        names.append(f"{row['label']} (" + ", ".join(f"{k}={v}" for k, v in sorted(differing.items())) + ")")
+    return names
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p-value of Welch's t-test (unequal variances); NaN when a side has < 2 values."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    diff = a.mean() - b.mean()
+    if va + vb == 0:
+        return 0.0 if diff != 0 else 1.0
+    t = abs(diff) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    try:
+        from scipy.stats import t as student_t
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn; normal approximation
+        return math.erfc(t / math.sqrt(2))
+    return float(2 * student_t.sf(t, df))
+
+
+def _baseline_index(summary: pd.DataFrame, study: str, baseline: str) -> Optional[int]:
+    rows = summary[(summary["study"] == study) & ((summary["label"] == baseline) | (summary["config"] == baseline))]
+    return None if rows.empty else int(rows["n"].idxmax())
+
+
+def _compare(summary: pd.DataFrame, seeds: list[np.ndarray], baseline: Optional[str]) -> pd.DataFrame:
+    name = baseline or BASELINE
+    if baseline and not ((summary["label"] == baseline) | (summary["config"] == baseline)).any():
+        raise ReportError(f"--baseline '{baseline}' is not a configuration in these results"
+                          f"{did_you_mean(baseline, set(summary['label']) | set(summary['config']))}")
+    out = summary.assign(baseline=None, delta_top1=math.nan, p_value=math.nan, beyond_noise="-",
+                         macs_reduction_pct=math.nan)
+    for study in out["study"].unique():
+        base = _baseline_index(out, study, name)
+        if base is None:
+            continue
+        for i in out.index[out["study"] == study]:
+            out.at[i, "baseline"] = out.at[base, "config"]
+            out.at[i, "delta_top1"] = out.at[i, "top1"] - out.at[base, "top1"]
+            out.at[i, "macs_reduction_pct"] = 100.0 * (1 - out.at[i, "macs"] / out.at[base, "macs"])
+            if i == base:
+                out.at[i, "beyond_noise"] = "baseline"
+                continue
+            out.at[i, "p_value"] = welch_p(seeds[i], seeds[base])
+            out.at[i, "beyond_noise"] = ("n<2" if math.isnan(out.at[i, "p_value"])
+                                         else "yes" if out.at[i, "p_value"] < ALPHA else "no")
+    return out
+
+
+def pareto_front(score: Sequence[float], cost: Sequence[float]) -> np.ndarray:
+    """True where no other point has >= score and <= cost, one of them strict (NaN: never)."""
+    score, cost = np.asarray(score, float), np.asarray(cost, float)
+    ok = ~(np.isnan(score) | np.isnan(cost))
+    front = np.zeros(len(score), bool)
+    for i in np.flatnonzero(ok):
+        better = ok & (score >= score[i]) & (cost <= cost[i]) & ((score > score[i]) | (cost < cost[i]))
+        front[i] = not better.any()
+    return front
+
+
+def _mark_pareto(summary: pd.DataFrame) -> pd.DataFrame:
+    out = summary.assign(pareto_macs=False, pareto_latency=False)
+    for study in out["study"].unique():
+        rows = out["study"] == study
+        for column, cost in (("pareto_macs", "macs"), ("pareto_latency", "latency_median_ms")):
+            out.loc[rows, column] = pareto_front(out.loc[rows, "top1"], out.loc[rows, cost])
+    out["pareto"] = [", ".join(name for name, on in (("MACs", m), ("lat", l)) if on)
+                     for m, l in zip(out["pareto_macs"], out["pareto_latency"])]
+    return out
+
+
+# ------------------------------------------------------------------------------- selection
+
+def check_columns(frame: pd.DataFrame, names: Iterable[str], option: str) -> list[str]:
+    """``names`` if all are columns of ``frame``, else ReportError with the closest column."""
+    names = list(names)
+    for name in names:
+        if name not in frame.columns:
+            raise ReportError(f"{option}: unknown column '{name}'{did_you_mean(name, frame.columns)}")
+    return names
+
+
+def apply_filter(frame: pd.DataFrame, expression: str) -> pd.DataFrame:
+    """Rows matching a pandas query such as ``macs < 1e8`` or ``label == 'castling'`` (``=`` means ``==``)."""
+    query = re.sub(r"(?<![<>=!])=(?!=)", "==", expression)
+    try:
+        names = {node.id for node in ast.walk(ast.parse(query, mode="eval")) if isinstance(node, ast.Name)}
+    except SyntaxError:
+        raise ReportError(f"--filter '{expression}': not an expression like 'macs<1e8' or "
+                          f"\"label == 'castling'\"") from None
+    for name in sorted(names - set(frame.columns)):
+        texts = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+        if any(frame[c].astype(str).eq(name).any() for c in texts):
+            raise ReportError(f"--filter '{expression}': quote the text '{name}', e.g. \"label == '{name}'\"")
+    check_columns(frame, sorted(names), f"--filter '{expression}'")
+    try:
+        return frame.query(query, engine="python")
+    except Exception as err:  # noqa: BLE001 - pandas raises many kinds; report one line
+        raise ReportError(f"--filter '{expression}': {type(err).__name__}: {err}") from None
+
+
+def select(summary: pd.DataFrame, studies: Sequence[str] = (), labels: Sequence[str] = (),
+           variants: Sequence[str] = (), filters: Sequence[str] = (), sort: Optional[str] = None,
+           descending: bool = False) -> pd.DataFrame:
+    """The summary's rows of the given studies, labels and variants that match every filter, sorted.
+
+    Raises:
+        ReportError: an unknown study, label, variant or column, or a malformed filter.
+    """
+    frame = summary
+    for column, wanted in (("study", studies), ("label", labels), ("variant", variants)):
+        for value in wanted:
+            if value not in set(summary[column]):
+                raise ReportError(f"--{column}: no {column} '{value}' in these results"
+                                  f"{did_you_mean(value, set(summary[column].dropna()))}")
+        if wanted:
+            frame = frame[frame[column].isin(wanted)]
+    for expression in filters:
+        frame = apply_filter(frame, expression)
+    if sort:
+        check_columns(frame, [sort], "--sort")
+        frame = frame.sort_values(sort, ascending=not descending, na_position="last", kind="stable")
+    return frame.reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------- rendering
+
+def _fmt_count(value) -> str:
+    if value is None or pd.isna(value):
+        return "-"
+    for scale, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:g}"
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) \
+        else str(value)
+
+
+def _top1(row) -> str:
+    return "-" if pd.isna(row["top1"]) else _fmt(row["top1"]) + (
+        f" ± {row['top1_std']:.2f}" if row["n"] > 1 else "")
+
+
+def _noise(row) -> str:
+    return f"{row['beyond_noise']} (p={row['p_value']:.2g})" if not pd.isna(row["p_value"]) else row["beyond_noise"]
+
+
+#: column -> (header, cell formatter); other columns print as they are.
+_VIEWS: dict[str, tuple[str, Callable]] = {
+    "config": ("configuration", lambda r: str(r["config"])),
+    "n": ("n", lambda r: str(r["n"])),
+    "top1": ("top-1 %", _top1),
+    "top1_train_form": ("pre-castle %", lambda r: _fmt(r["top1_train_form"])),
+    "switch_cost": ("switch cost", lambda r: _fmt(r["switch_cost"], "+.2f")),
+    "delta_top1": ("Δ vs base", lambda r: _fmt(r["delta_top1"], "+.2f")),
+    "beyond_noise": ("beyond noise", _noise),
+    "macs": ("MACs", lambda r: _fmt_count(r["macs"])),
+    "attention_macs": ("attention MACs", lambda r: _fmt_count(r["attention_macs"])),
+    "macs_reduction_pct": ("MACs saved %", lambda r: _fmt(r["macs_reduction_pct"], ".1f")),
+    "params": ("params", lambda r: _fmt_count(r["params"])),
+    "latency_median_ms": ("latency ms", lambda r: _fmt(r["latency_median_ms"], ".3g")),
+    "peak_memory_mb": ("mem MB", lambda r: _fmt(r["peak_memory_mb"], ".1f")),
+    "pareto": ("Pareto", lambda r: r["pareto"] or ""),
+}
+
+
+def _cells(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    views = [_VIEWS.get(c, (c, lambda r, c=c: _fmt(r[c], "g"))) for c in columns]
+    return [h for h, _ in views], [[fmt(row) for _, fmt in views] for _, row in frame.iterrows()]
+
+
+def _title(frame: pd.DataFrame, study: str) -> str:
+    first = frame.iloc[0]
+    setup = " on ".join(str(first[c]) for c in ("arch", "dataset") if first.get(c) is not None)
+    return f"study '{study}'" + (f" ({setup})" if setup else "")
+
+
+def _legend(frame: pd.DataFrame, columns: Sequence[str]) -> str:
+    """What the shown columns mean, in one paragraph."""
+    baseline = next(iter(frame["baseline"].dropna()), "")
+    checkpoint = next(iter(frame["checkpoint"].dropna()), None)
+    notes = {
+        "top1": "top-1: test %, inference form (after castling)" + (f", {checkpoint} checkpoint" if checkpoint else "")
+                + "; mean ± sample std over n complete seeds (failed and pruned seeds not averaged in).",
+        "top1_train_form": "pre-castle: the training form's top-1.",
+        "switch_cost": "switch cost: pre-castle minus top-1, points.",
+        "delta_top1": f"Δ vs base: top-1 minus baseline '{baseline}'." if baseline else "No baseline in this study.",
+        "beyond_noise": f"beyond noise: Welch's t-test against the baseline, p < {ALPHA:g}." if baseline else "",
+        "macs": "MACs: per image, inference form.",
+        "macs_reduction_pct": "MACs saved: against the baseline.",
+        "peak_memory_mb": "mem: peak memory of inference.",
+        "pareto": "Pareto (MACs / lat = latency): no other configuration has >= top-1 and <= cost, one strict.",
+    }
+    return " ".join(notes[c] for c in columns if notes.get(c))
+
+
+def _studies(frame: pd.DataFrame):
+    if frame.empty:
+        return
+    for study in dict.fromkeys(frame["study"]):
+        yield study, frame[frame["study"] == study]
+
+
+def rich_tables(frame: pd.DataFrame, columns: Sequence[str] = DEFAULT_COLUMNS) -> list:
+    """One Rich table per study, ``columns`` formatted for reading."""
+    from rich.table import Table
+
+    tables = []
+    for study, rows in _studies(frame):
+        headers, body = _cells(rows, columns)
+        table = Table(title=_title(rows, study), caption=_legend(rows, columns), caption_justify="left")
+        for header in headers:
+            table.add_column(header, justify="left" if header == "configuration" else "right", overflow="fold")
+        for cells in body:
+            table.add_row(*cells)
+        tables.append(table)
+    return tables
+
+
+def _markdown(frame: pd.DataFrame, columns: Sequence[str]) -> str:
+    parts = []
+    for study, rows in _studies(frame):
+        headers, body = _cells(rows, columns)
+        line = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+        parts += [f"**{_title(rows, study)}**", "", line(headers),
+                  "|" + "|".join("---" if h == "configuration" else "---:" for h in headers) + "|",
+                  *(line(cells) for cells in body), "", _legend(rows, columns), ""]
+    return "\n".join(parts)
+
+
+def export(frame: pd.DataFrame, fmt: str, columns: Optional[Sequence[str]] = None) -> str:
+    """``frame`` as ``csv`` or ``json`` (raw values; all columns by default) or ``markdown`` (formatted)."""
+    if fmt == "markdown":
+        return _markdown(frame, columns or DEFAULT_COLUMNS)
+    data = frame[list(columns)] if columns else frame
+    if fmt == "csv":
+        return data.to_csv(index=False)
+    if fmt == "json":
+        return data.to_json(orient="records", indent=2) + "\n"
+    raise ReportError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+
+
+def html_page(frame: pd.DataFrame, columns: Sequence[str], images: Sequence[Path] = ()) -> str:
+    """One self-contained HTML page: a table per study and the PNG ``images`` embedded (base64)."""
+    out = io.StringIO()
+    out.write("<!doctype html><meta charset='utf-8'><title>attnbench report</title><style>"
+              "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+              "td:first-child{text-align:left}img{max-width:100%}</style><h1>attnbench report</h1>")
+    for study, rows in _studies(frame):
+        headers, body = _cells(rows, columns)
+        out.write(f"<h2>{html.escape(_title(rows, study))}</h2><table><tr>"
+                  + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>")
+        for cells in body:
+            out.write("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        out.write(f"</table><p>{html.escape(_legend(rows, columns))}</p>")
+    for image in images:
+        data = base64.b64encode(Path(image).read_bytes()).decode()
+        out.write(f"<h2>{html.escape(Path(image).stem)}</h2><img alt='{html.escape(Path(image).name)}' "
+                  f"src='data:image/png;base64,{data}'>")
+    return out.getvalue()

@@ -1,0 +1,94 @@
+"""attnbench.bench and the ``attnbench bench`` command."""
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from attnbench import bench, measure, store
+from attnbench.cli import main
+
+
+def test_crossover_interpolates_on_log_scale():
+    # slower by 2x at 100 tokens, faster by 2x at 400: log-midpoint 200
+    value, note = bench.crossover([100, 400], [2.0, 1.0], [1.0, 2.0])
+    assert value == pytest.approx(200.0) and note == ""
+    assert bench.crossover([100, 400, 1600], [3, 2, 1], [1, 1, 2])[0] == pytest.approx(math.sqrt(400 * 1600))
+
+
+def test_crossover_outside_the_range():
+    assert bench.crossover([100, 400], [0.5, 0.5], [1.0, 1.0]) == (None, "below range")
+    assert bench.crossover([100, 400], [2.0, 3.0], [1.0, 1.0]) == (None, "none in range")
+
+
+def test_aggregate_medians_spread_and_crossover():
+    config = bench.BenchConfig(variants=("softmax", "linear"), tokens=(100, 400), repeats=3, batch=2)
+    process_ms = {"softmax|100": (1.0, 1.2, 0.9), "linear|100": (2.0, 2.0, 2.2),
+                  "softmax|400": (8.0, 8.8, 8.4), "linear|400": (4.0, 4.4, 4.2)}
+    processes = [{key: {"median_ms": ms[i], "iqr_ms": 0.1 * (i + 1)} for key, ms in process_ms.items()}
+                 for i in range(3)]
+    static = {key: {"macs": 1, "attn_macs_analytic": 1, "params": 1} for key in process_ms}
+    rows, crossovers = bench._aggregate(config, processes, static, {"threads": 2}, "run")
+    row = {(r["variant"], r["tokens"]): r for r in rows}
+    soft = row[("softmax", 100)]
+    assert soft["latency_median_ms"] == 1.0 and soft["latency_iqr_ms"] == pytest.approx(0.2)
+    assert soft["latency_min_ms"] == 0.9 and soft["latency_max_ms"] == 1.2
+    assert soft["latency_spread_pct"] == pytest.approx(30.0) and soft["samples_per_s"] == pytest.approx(2000.0)
+    assert row[("linear", 400)]["speedup_vs_softmax"] == pytest.approx(2.0)
+    assert crossovers["linear"][0] == pytest.approx(200.0)  # 2x slower at 100, 2x faster at 400
+    assert row[("linear", 100)]["crossover_tokens"] == pytest.approx(200.0)
+    assert soft["crossover_note"] == "baseline" and all(r["kind"] == "benchmark" for r in rows)
+
+
+def test_parse_arguments():
+    assert bench.parse_tokens(" 785,197, 3_137,197") == (197, 785, 3137)
+    assert bench.parse_variants("softmax, linear,softmax") == ("softmax", "linear")
+    for text in ("", "197,abc", "0,5"):
+        with pytest.raises(bench.BenchError, match="--tokens"):
+            bench.parse_tokens(text)
+
+
+def test_model_level_is_deit_tiny_at_197_tokens():
+    model = bench.build_module("model", "softmax", 192, 3, 197, depth=12, patch=16)
+    config = bench.BenchConfig(variants=("softmax",), tokens=(197,), level="model")
+    assert bench.input_shape(config, 197) == (3, 224, 224)
+    assert measure.count_macs_reference(model, (3, 224, 224)) == 1_253_683_200
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, ["bench", *args])
+
+
+def test_cli_tiny_run_writes_rows_and_plot(tmp_path):
+    out = tmp_path / "results"
+    result = _invoke("--variants", "softmax,linear-angular", "--tokens", "17,65", "--dim", "32", "--heads", "2",
+                     "--batch", "2", "--repeats", "1", "--samples", "3", "--warmup", "1", "--threads", "1",
+                     "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "crossover, linear-angular faster than softmax" in result.output
+
+    rows = store.read_rows(out, kind="benchmark")
+    assert len(rows) == 4 and set(rows["variant"]) == {"softmax", "linear-angular"}
+    assert set(rows["tokens"]) == {17, 65} and (rows["processes"] == 1).all() and (rows["threads"] == 1).all()
+    for column in ("macs", "attn_macs_analytic", "params", "latency_median_ms", "latency_iqr_ms",
+                   "latency_spread_pct", "peak_mem_bytes", "forward_mem_bytes", "torch_version", "cpu_model",
+                   "git_commit", "crossover_note"):
+        assert column in rows.columns, column
+    assert (rows["latency_median_ms"] > 0).all() and (rows["macs"] > 0).all()
+    assert (rows["latency_min_ms"] <= rows["latency_max_ms"]).all()
+    plots = list((out / "benchmarks").glob("bench-*.png"))
+    assert len(plots) == 1 and plots[0].read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--variants", "softmax,linear-anglar"), "did you mean 'linear-angular'"),
+    (("--tokens", "197,many"), "--tokens"),
+    (("--level", "model", "--tokens", "100"), "s*s + 1"),
+    (("--dim", "100", "--heads", "3"), "not divisible"),
+    (("--level", "grid"), "--level"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    result = _invoke(*args, "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
