@@ -154,11 +154,12 @@ def _print_plan(experiment) -> None:
     except DataError as err:
         fail(f"{experiment.source}: field 'data': {err}")
     table = Table(title=f"plan of study '{experiment.name}' ({experiment.source})")
-    for column in ("configuration", "variant", "options", "MACs (inference)", "attention MACs", "params"):
+    for column in ("configuration", "variant", "options", "tokens", "MACs (inference)", "attention MACs", "params"):
         table.add_column(column, overflow="fold")
     for config, costs in rows:
         table.add_row(config.label, config.variant, json.dumps(config.options, sort_keys=True),
-                      f"{costs['macs']:,}", f"{costs['attention_macs']:,}", f"{costs['params']:,}")
+                      str(costs["num_tokens"]), f"{costs['macs']:,}", f"{costs['attention_macs']:,}",
+                      f"{costs['params']:,}")
     console.print(table)
     n_trials = experiment.n_trials()
     continuous = "" if experiment.plan() else \
@@ -166,7 +167,7 @@ def _print_plan(experiment) -> None:
     console.print(f"{n_trials if n_trials is not None else 'time-limited'} trials x {len(experiment.seeds)} seeds "
                   f"{list(experiment.seeds)}; sampler {experiment.sampler}; objectives "
                   f"{', '.join(f'{o.direction} {o.metric}' for o in experiment.objectives)}; model {arch} "
-                  f"on {experiment.dataset}, {rows[0][1]['num_tokens']} tokens{continuous}")
+                  f"on {experiment.dataset}{continuous}")
 
 
 class RichSweepDisplay:

@@ -48,6 +48,7 @@ METRICS = {
 }
 SAMPLERS = ("grid", "tpe", "nsga2", "random")
 CONFIG_PARAM = "config"   # the Optuna parameter that picks one of several listed configurations
+DATA_PREFIX = "data."     # search keys naming a data set option (e.g. ``data.img_size``), not a variant's
 
 _TOP_KEYS = ("name", "description", "model", "data", "train", "seeds", "variants", "search", "sampler",
              "objectives", "budget", "pruning", "storage", "measure", "constraints")
@@ -69,6 +70,7 @@ class VariantConfig:
     label: str
     variant: str
     options: dict[str, Any]
+    data_options: dict[str, Any] = dataclasses.field(default_factory=dict)   # swept ``data.*`` values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +161,11 @@ class Experiment:
         label = params.get(CONFIG_PARAM, self.configs[0].label)
         base = next(c for c in self.configs if c.label == label)
         swept = {p.name: params[p.name] for p in self.search if p.name in params}
-        return VariantConfig(base.label, base.variant, {**base.options, **swept})
+        options = {k: v for k, v in swept.items() if not k.startswith(DATA_PREFIX)}
+        data_options = {k[len(DATA_PREFIX):]: v for k, v in swept.items() if k.startswith(DATA_PREFIX)}
+        # Swept data options (resolution, say) make distinct configurations of one variant.
+        label = base.label + "".join(f" {k}={v}" for k, v in sorted(data_options.items()))
+        return VariantConfig(label, base.variant, {**base.options, **options}, data_options)
 
     def plan(self) -> list[VariantConfig]:
         """Every configuration of the grid (for ``--dry-run``); [] when the space is continuous."""
@@ -265,7 +271,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
     train = _train(r, top.get("train"))
     seeds = _seeds(r, top.get("seeds", [0]))
     configs = _configs(r, top.get("variants"))
-    search = _search(r, top.get("search"), configs)
+    search = _search(r, top.get("search"), configs, dataset)
     sampler, sampler_seed = _sampler(r, top.get("sampler", "grid"))
     objectives = _objectives(r, top.get("objectives", [{"metric": "top1"}]))
     trials, timeout_s = _budget(r, top.get("budget"))
@@ -423,7 +429,20 @@ def _check_options(r: _Reader, variant: str, options: dict, field: str) -> None:
         r.fail(field, str(err))
 
 
-def _search(r: _Reader, raw: Any, configs: tuple[VariantConfig, ...]) -> tuple[ParamSpec, ...]:
+def _data_option_spec(r: _Reader, name: str, field: str, dataset: str) -> OptionSpec:
+    from attnbench import data
+
+    option = name[len(DATA_PREFIX):]
+    accepted = data.dataset_options(dataset)
+    if option not in accepted or option == "seed":
+        r.fail(field, f"data set '{dataset}' has no option '{option}'{did_you_mean(option, accepted)} "
+                      f"(options: {', '.join(accepted)})")
+    default = accepted[option]
+    kind = {bool: "bool", int: "int", float: "float"}.get(type(default), "str")
+    return OptionSpec(name, kind, default)
+
+
+def _search(r: _Reader, raw: Any, configs: tuple[VariantConfig, ...], dataset: str) -> tuple[ParamSpec, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, dict):
@@ -433,6 +452,9 @@ def _search(r: _Reader, raw: Any, configs: tuple[VariantConfig, ...]) -> tuple[P
         field = f"search.{name}"
         if name == CONFIG_PARAM:
             r.fail(field, f"'{CONFIG_PARAM}' is reserved; list configurations under 'variants'")
+        if name.startswith(DATA_PREFIX):
+            params.append(_param(r, name, value, _data_option_spec(r, name, field, dataset), field))
+            continue
         specs = []
         for config in configs:
             variant_specs = {s.name: s for s in option_specs(get_variant(config.variant))}

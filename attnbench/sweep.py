@@ -184,11 +184,12 @@ class TrialFailed(Exception):
 class TrialContext:
     experiment: Experiment
     results: Path                 # results/<study>
-    splits: Any                   # the data, loaded once per worker
+    data: Callable[[dict], Any]   # data set options swept by the trial -> splits (cached)
     device: str
     sampler_seed: int
     worker: str
     environment: dict[str, Any]
+    splits: Any = None            # this trial's splits
 
     @property
     def arch(self) -> str:
@@ -228,7 +229,7 @@ def _costs(ctx: TrialContext, config: VariantConfig) -> dict[str, Any]:
     tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
     attention = sum(layer.macs(tokens) for _, layer in models.variant_layers(model))
     return {"macs": measure.count_macs(model, _input_shape(ctx)), "attention_macs": attention,
-            "params": measure.count_params(model), "num_tokens": tokens}
+            "params": measure.count_params(model), "num_tokens": tokens, "arch": ctx.arch}
 
 
 def _speed(ctx: TrialContext, config: VariantConfig, model) -> dict[str, Any]:
@@ -298,6 +299,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
     frozen = trial.study._storage.get_trial(trial._trial_id)
     key = trial_key(frozen)
     config = e.resolve(_suggest(trial, e))
+    ctx = dataclasses.replace(ctx, splits=ctx.data(config.data_options))
     trial.set_user_attr("label", config.label)
     rows: list[dict] = []
     started = time.perf_counter()
@@ -375,9 +377,18 @@ def _objective_values(e: Experiment, rows: list[dict]) -> list[float]:
     return values
 
 
-def load_data(experiment: Experiment):
-    """The experiment's data splits (raises ``attnbench.data.DataError`` for bad paths)."""
-    return data.load_dataset(experiment.dataset, root=experiment.data_root, **experiment.data_options)
+def data_loader(experiment: Experiment) -> Callable[[dict], Any]:
+    """Splits for the experiment's data with a trial's swept ``data.*`` options, loaded once each.
+
+    Raises ``attnbench.data.DataError`` for bad paths or options.
+    """
+
+    @functools.lru_cache(maxsize=4)
+    def load(frozen: tuple) -> Any:
+        return data.load_dataset(experiment.dataset, root=experiment.data_root,
+                                 **{**experiment.data_options, **dict(frozen)})
+
+    return lambda overrides: load(tuple(sorted(overrides.items())))
 
 
 def plan(experiment: Experiment) -> tuple[str, list[tuple[VariantConfig, dict[str, Any]]]]:
@@ -385,9 +396,11 @@ def plan(experiment: Experiment) -> tuple[str, list[tuple[VariantConfig, dict[st
 
     A continuous search space has no finite plan; then only the base configuration is listed.
     """
-    ctx = TrialContext(experiment, Path("."), load_data(experiment), "cpu", experiment.sampler_seed, "", {})
+    ctx = TrialContext(experiment, Path("."), data_loader(experiment), device="cpu",
+                       sampler_seed=experiment.sampler_seed, worker="", environment={})
     configs = experiment.plan() or [experiment.resolve({})]
-    return ctx.arch, [(config, _costs(ctx, config)) for config in configs]
+    costs = [(c, _costs(dataclasses.replace(ctx, splits=ctx.data(c.data_options)), c)) for c in configs]
+    return costs[0][1]["arch"], costs
 
 
 # --- the sweep ----------------------------------------------------------------------------------
@@ -433,9 +446,11 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
     sampler_seed = experiment.sampler_seed * 1000 + worker_index
     study = open_study(experiment, url, sampler_seed)
     study.set_metric_names([o.metric for o in experiment.objectives]) if experiment.multi_objective else None
-    splits = load_data(experiment)
+    loader = data_loader(experiment)
+    loader({})   # fail on bad data before any trial starts
     env = measure.environment(device, threads=experiment.measure.threads)
-    ctx = TrialContext(experiment, results_dir / experiment.name, splits, device, sampler_seed, _worker_name(), env)
+    ctx = TrialContext(experiment, results_dir / experiment.name, loader, device=device, sampler_seed=sampler_seed,
+                       worker=_worker_name(), environment=env)
     target = experiment.n_trials()
     deadline = time.monotonic() + experiment.timeout_s if experiment.timeout_s else math.inf
     ran = 0

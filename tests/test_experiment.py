@@ -106,3 +106,15 @@ def test_malformed_experiment_is_one_clear_line(tmp_path, name, text, message):
 def test_missing_file(tmp_path):
     result = CliRunner().invoke(main, ["sweep", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "nope.yaml: no such file" in result.output
+
+
+def test_data_options_can_be_swept_and_make_distinct_configurations(tmp_path):
+    path = tmp_path / "res.yaml"
+    path.write_text(VALID + "search: {data.img_size: [8, 16]}\n")
+    e = load_experiment(path)
+    plan = e.plan()
+    assert e.grid_size() == 4 and len({c.label for c in plan}) == 4
+    assert {c.data_options["img_size"] for c in plan} == {8, 16}
+    path.write_text(VALID + "search: {data.img_sise: [8, 16]}\n")
+    with pytest.raises(ExperimentError, match="data set 'digits' has no option 'img_sise'; did you mean 'img_size'"):
+        load_experiment(path)
