@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import secrets
 import statistics
 import subprocess
@@ -431,7 +430,7 @@ def plot(result: BenchResult, path: Path) -> Path:
         err = [[m - r["latency_min_ms"] for m, r in zip(ms, rows)], [r["latency_max_ms"] - m for m, r in zip(ms, rows)]]
         ax_ms.errorbar(n, ms, yerr=err, marker="o", capsize=3, label=variant)
         ax_macs.plot(n, [r["macs"] for r in rows], marker="o", label=variant)
-    where = f"{config.device}, {config.thread_count} threads" if config.device == "cpu" else config.device
+    where = f"{config.device}, {_threads_label(config.thread_count)}" if config.device == "cpu" else config.device
     shape = f"{config.level}, C={config.dim}, h={config.heads}" + (f", depth {config.depth}" if config.level == "model" else "")
     ax_ms.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=f"latency per forward, ms (batch {config.batch})",
               title=f"latency ({where})")
@@ -449,6 +448,10 @@ def plot(result: BenchResult, path: Path) -> Path:
     return path
 
 
+def _threads_label(count: int) -> str:
+    return f"{count} thread" + ("" if count == 1 else "s")
+
+
 def _si(value: Optional[float]) -> str:
     if value is None:
         return "-"
@@ -464,7 +467,7 @@ def render(result: BenchResult) -> list:
 
     config = result.config
     table = Table(title=f"attnbench bench: {config.level} level, C={config.dim}, h={config.heads}, batch "
-                        f"{config.batch}, {config.device}, {config.thread_count} threads, "
+                        f"{config.batch}, {config.device}, {_threads_label(config.thread_count)}, "
                         f"{config.repeats} processes x {config.samples} blocks",
                   caption="MACs per sample (1 MAC = 2 FLOPs); ms = median over processes of per-process "
                           "medians; IQR within a process; spread = (max-min)/median across processes; "
@@ -493,8 +496,8 @@ def render(result: BenchResult) -> list:
     load = result.rows[0].get("load_avg_1m") if result.rows else None
     if config.device == "cpu" and load is not None and load > 0.5:
         lines.append(f"[yellow]note:[/] the machine was busy when the benchmark started (1-min load {load:.1f} "
-                     f"on {result.rows[0].get('cpu_count')} cores); CPU timings with {config.thread_count} "
-                     f"thread(s) are inflated and spread widely when cores are shared.")
+                     f"on {result.rows[0].get('cpu_count')} cores); CPU timings with {_threads_label(config.thread_count)} "
+                     f"are inflated and spread widely when cores are shared.")
     return lines
 
 

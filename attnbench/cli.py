@@ -82,7 +82,9 @@ def _conformance_cell(name: str) -> str:
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan (trials, MACs per configuration); train nothing.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Local worker processes sharing the study.")
-@click.option("--worker-index", default=0, hidden=True, type=click.IntRange(min=0))
+@click.option("--worker-index", default=None, type=click.IntRange(min=0),
+              help="Fix this worker's slot: its sampler seed is seed x 1000 + INDEX (grid: one seed for all) "
+                   "[default: the study's next free slot].")
 def sweep_command(experiment_file: Path, storage, results_dir: Path, device: str, dry_run: bool, workers: int,
                   worker_index: int) -> None:
     """Run (or resume) the Optuna study described by EXPERIMENT_FILE."""
@@ -96,7 +98,7 @@ def sweep_command(experiment_file: Path, storage, results_dir: Path, device: str
         _print_plan(experiment)
         return
     if workers > 1:
-        _run_workers(experiment_file, experiment, storage, results_dir, device, workers)
+        _run_workers(experiment_file, experiment, storage, results_dir, device, workers, worker_index)
         return
     _run_sweep(experiment, storage, results_dir, device, worker_index)
 
@@ -124,17 +126,24 @@ def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index
     console.print(f"next: [bold]attnbench report --results {results_dir}[/]")
 
 
-def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, device: str, workers: int) -> None:
+def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, device: str, workers: int,
+                 first_index=None) -> None:
     """Start ``workers`` local processes on one study; each pulls trials from the shared storage."""
     import subprocess
 
     from attnbench import sweep
 
     url = sweep.storage_url(experiment, results_dir, storage)
-    sweep.open_study(experiment, url, experiment.sampler_seed)   # create it once, before the workers race
+    try:
+        sweep.open_study(experiment, url, experiment.sampler_seed)   # create it once, before the workers race
+    except sweep.StorageError as err:
+        fail(str(err))
     command = [sys.executable, "-m", "attnbench.cli", "sweep", str(experiment_file), "--storage", url,
                "--results", str(results_dir), "--device", device]
-    procs = [subprocess.Popen(command + ["--worker-index", str(i)]) for i in range(workers)]
+    # Without --worker-index each worker takes the study's next free slot for its sampler seed, so
+    # workers started with --workers on several machines never share a seed.
+    indices = [[] if first_index is None else ["--worker-index", str(first_index + i)] for i in range(workers)]
+    procs = [subprocess.Popen(command + extra) for extra in indices]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

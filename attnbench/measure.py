@@ -36,7 +36,6 @@ __all__ = [
     "count_macs",
     "count_macs_reference",
     "count_params",
-    "is_counting",
     "Latency",
     "time_latency",
     "time_interleaved",
@@ -51,29 +50,11 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------- MACs
 
-_counting = 0
-
-
-def is_counting() -> bool:
-    """True while :func:`count_macs` or :func:`count_macs_reference` runs a forward.
-
-    Counters see matmuls and convolutions only. An implementation whose fast path does
-    multiply-adds as elementwise ops (e.g. a depthwise conv as shifted ``addcmul``) should take
-    its countable path (``F.conv2d``) while this is True, so that its MACs are counted.
-    """
-    return _counting > 0
-
-
 @contextlib.contextmanager
 def _countable():
     # Count with autograd enabled (inference_mode can take fused fast paths), in eval mode.
-    global _counting
-    _counting += 1
-    try:
-        with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
-            yield
-    finally:
-        _counting -= 1
+    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+        yield
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:

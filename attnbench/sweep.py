@@ -9,7 +9,9 @@ written once: nothing lost, nothing doubled. Several workers may share one study
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -18,6 +20,7 @@ import socket
 import statistics
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,10 +32,12 @@ from attnbench import data, measure, models, store
 from attnbench.experiment import CONFIG_PARAM, Experiment, VariantConfig
 from attnbench.train import TrainConfig, TrainResult, default_arch, fit
 
-__all__ = ["SweepSummary", "open_study", "run_sweep", "storage_url", "trial_key", "study_progress"]
+__all__ = ["SweepSummary", "open_study", "run_sweep", "storage_url", "trial_key", "study_progress",
+           "StorageLock", "claim_worker_slot", "heartbeat_settings", "worker_sampler_seed"]
 
 HEARTBEAT_S = 10          # a worker that stops beating for GRACE_S has its trial failed and retried
-GRACE_S = 30
+GRACE_S = 30              # both may be set per process: ATTNBENCH_HEARTBEAT_S, ATTNBENCH_GRACE_S
+SLOT_ATTR = "attnbench_worker_slots"     # study user attr: worker slots handed out (sampler seeds)
 RETRY_ATTR = "attnbench_retry_of"        # user attr: the key of the trial this one re-runs
 INTERRUPTED_ATTR = "attnbench_interrupted"
 ERROR_ATTR = "attnbench_error"
@@ -50,15 +55,105 @@ def storage_url(experiment: Experiment, results_dir: Path, storage: Optional[str
     return f"sqlite:///{path}"
 
 
+def heartbeat_settings() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds: ``ATTNBENCH_HEARTBEAT_S`` and
+    ``ATTNBENCH_GRACE_S`` from the environment, else :data:`HEARTBEAT_S` and :data:`GRACE_S`."""
+    values = []
+    for name, default in (("ATTNBENCH_HEARTBEAT_S", HEARTBEAT_S), ("ATTNBENCH_GRACE_S", GRACE_S)):
+        raw = os.environ.get(name, "").strip()
+        try:
+            value = int(raw) if raw else default
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise StorageError(f"{name}={raw!r}: expected a positive whole number of seconds")
+        values.append(value)
+    if values[1] <= values[0]:
+        raise StorageError(f"the grace period ({values[1]} s, ATTNBENCH_GRACE_S) must be longer than the "
+                           f"heartbeat interval ({values[0]} s, ATTNBENCH_HEARTBEAT_S)")
+    return values[0], values[1]
+
+
 def _storage(url: str) -> optuna.storages.BaseStorage:
     retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
-    if url.endswith((".log", ".jsonl")) and "://" not in url:   # a journal file path
+    if _is_journal(url):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
         return JournalStorage(JournalFileBackend(url))
     engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
+    heartbeat, grace = heartbeat_settings()
     return _with_retries(lambda: optuna.storages.RDBStorage(
-        url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+        url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=grace,
         heartbeat_stale_trial_callback=retry))
+
+
+def _is_journal(url: str) -> bool:
+    return url.endswith((".log", ".jsonl")) and "://" not in url   # a journal file path
+
+
+class StorageLock:
+    """A lock shared by every attnbench worker of one storage, held only for moments: a
+    PostgreSQL session advisory lock (released by the server if the worker dies), an
+    ``flock`` on a file beside a SQLite or journal file, or nothing for other storages.
+
+    It serializes what Optuna leaves racy between processes: creating the schema and the
+    study on an empty database, and "is there room for another trial? then create it", so
+    several workers never start more trials than the budget. Re-entrant use is not supported;
+    :meth:`release` may be called early (and again).
+    """
+
+    def __init__(self, url: str, name: str):
+        self.url, self.key = url, zlib.crc32(name.encode())
+        self._held: Any = None
+        self._engine = None
+
+    def acquire(self) -> None:
+        if self.url.startswith(("postgresql", "postgres://")):
+            import sqlalchemy
+            if self._engine is None:
+                self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+            conn = _with_retries(self._engine.connect, attempts=4)   # a server busy with many workers
+            try:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+                conn.commit()
+            except BaseException:
+                conn.close()
+                raise
+            self._held = conn
+        elif path := self._file():
+            import fcntl
+            handle = open(path, "a+")   # noqa: SIM115 - closed in release()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._held = handle
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        with contextlib.suppress(Exception):   # closing the session or the file releases it anyway
+            if hasattr(held, "execute"):
+                import sqlalchemy
+                held.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+                held.commit()
+        with contextlib.suppress(Exception):
+            held.close()
+
+    def _file(self) -> Optional[str]:
+        try:
+            import fcntl  # noqa: F401 - POSIX only; elsewhere no lock
+        except ImportError:
+            return None
+        if _is_journal(self.url):
+            return self.url + ".lock"
+        if self.url.startswith("sqlite:///") and ":memory:" not in self.url:
+            return self.url[len("sqlite:///"):] + ".lock"
+        return None
+
+    def __enter__(self) -> "StorageLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _with_retries(make: Callable[[], Any], attempts: int = 8):
@@ -71,6 +166,16 @@ def _with_retries(make: Callable[[], Any], attempts: int = 8):
             if attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1) + (os.getpid() % 7) * 0.05)
+
+
+def worker_sampler_seed(experiment: Experiment, worker_index: int) -> int:
+    """The sampler seed of one worker of the study: ``sampler seed x 1000 + worker index``.
+
+    Except for the grid sampler: its seed shuffles the grid, and a trial's grid id must name the
+    same configuration in every worker (and in every resumed run), so all share the index-0
+    seed. Grid workers never pick the same point anyway: trial number n runs grid point n.
+    """
+    return experiment.sampler_seed * 1000 + (0 if experiment.sampler == "grid" else worker_index)
 
 
 def _sampler(experiment: Experiment, seed: int) -> optuna.samplers.BaseSampler:
@@ -99,10 +204,16 @@ def open_study(experiment: Experiment, url: str, sampler_seed: int) -> optuna.St
     directions = [optuna.study.StudyDirection.MAXIMIZE if o.direction == "maximize"
                   else optuna.study.StudyDirection.MINIMIZE for o in experiment.objectives]
     try:
-        storage = _storage(url)
-        study = _with_retries(lambda: optuna.create_study(
-            study_name=experiment.name, storage=storage, load_if_exists=True, pruner=pruner,
-            sampler=_sampler(experiment, sampler_seed), directions=[o.direction for o in experiment.objectives]))
+        # Workers starting together on an empty database race to create Optuna's schema (tables,
+        # enum types, the alembic stamp) and the study: take turns, and retry against other tools.
+        # Once the schema is complete, many workers may open the storage at once.
+        with contextlib.nullcontext() if _schema_ready(url) else StorageLock(url, "attnbench:create"):
+            storage = _storage(url)
+            study = _with_retries(lambda: optuna.create_study(
+                study_name=experiment.name, storage=storage, load_if_exists=True, pruner=pruner,
+                sampler=_sampler(experiment, sampler_seed), directions=[o.direction for o in experiment.objectives]))
+    except StorageError:
+        raise
     except Exception as err:  # noqa: BLE001 - reported in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise StorageError(f"storage '{_redact(url)}': {type(err).__name__}: {first}") from err
@@ -111,6 +222,32 @@ def open_study(experiment: Experiment, url: str, sampler_seed: int) -> optuna.St
                            f"{[d.name.lower() for d in study.directions]}, but the experiment asks for "
                            f"{[o.direction for o in experiment.objectives]}; rename the experiment")
     return study
+
+
+def _schema_ready(url: str) -> bool:
+    """Whether a PostgreSQL storage already holds Optuna's complete schema (False if unsure)."""
+    if not url.startswith("postgresql"):
+        return False
+    import sqlalchemy
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            if not sqlalchemy.inspect(conn).has_table("alembic_version"):
+                return False
+            return conn.execute(sqlalchemy.text("SELECT count(*) FROM alembic_version")).scalar() > 0
+    except Exception:  # noqa: BLE001 - the locked path reports the error
+        return False
+    finally:
+        engine.dispose()
+
+
+def claim_worker_slot(study: optuna.Study, url: str) -> int:
+    """The next free worker slot of the study (0 for its first worker): workers started
+    separately, on one machine or several, get distinct sampler seeds without coordination."""
+    with StorageLock(url, f"attnbench:study:{study.study_name}"):
+        slot = int(study.user_attrs.get(SLOT_ATTR, 0))
+        study.set_user_attr(SLOT_ATTR, slot + 1)
+    return slot
 
 
 def _redact(url: str) -> str:
@@ -138,12 +275,14 @@ class StudyProgress:
     failed: int
     running: int
     interrupted: list[FrozenTrial]   # cut short and not yet re-run
+    waiting: int = 0     # queued re-runs (of killed workers' trials) that no worker has taken yet
 
 
 def study_progress(study: optuna.Study) -> StudyProgress:
     trials = study.get_trials(deepcopy=False)
     final: dict[int, TrialState] = {}
     live: set[int] = set()
+    waiting: set[int] = set()
     for t in trials:
         key = trial_key(t)
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
@@ -151,6 +290,8 @@ def study_progress(study: optuna.Study) -> StudyProgress:
             final[key] = t.state
         elif t.state in (TrialState.RUNNING, TrialState.WAITING):
             live.add(key)
+            if t.state == TrialState.WAITING:
+                waiting.add(key)
     interrupted, requeued = [], set()
     for t in trials:
         key = trial_key(t)
@@ -162,7 +303,20 @@ def study_progress(study: optuna.Study) -> StudyProgress:
                 interrupted.append(t)
                 requeued.add(key)
     failed = sum(1 for state in final.values() if state == TrialState.FAIL)
-    return StudyProgress(len(final), failed, len(live - set(final)), interrupted)
+    running = live - waiting - set(final)
+    return StudyProgress(len(final), failed, len(running), interrupted, len(waiting - running - set(final)))
+
+
+def fail_orphaned_trials(study: optuna.Study) -> None:
+    """Fail trials a worker created but never started: it died between Optuna's ``ask`` and the
+    objective (Ctrl-C at that moment, say), so the trial has no heartbeat and would stay RUNNING
+    forever. A started trial names its worker at once; one that still names none after the grace
+    period is an orphan, and :func:`study_progress` then sees it as interrupted and re-queues it."""
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=heartbeat_settings()[1])
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "worker" not in t.user_attrs and t.datetime_start is not None and t.datetime_start < cutoff:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
 def _requeue(study: optuna.Study, trials: list[FrozenTrial]) -> None:
@@ -301,6 +455,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
     config = e.resolve(_suggest(trial, e))
     ctx = dataclasses.replace(ctx, splits=ctx.data(config.data_options))
     trial.set_user_attr("label", config.label)
+    trial.set_user_attr("worker", ctx.worker)   # which worker runs it (host:pid), for watching a study
     rows: list[dict] = []
     started = time.perf_counter()
     try:
@@ -421,7 +576,7 @@ def _worker_name() -> str:
 
 
 def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), storage: Optional[str] = None,
-              device: str = "auto", worker_index: int = 0, display: Optional["SweepDisplay"] = None,
+              device: str = "auto", worker_index: Optional[int] = None, display: Optional["SweepDisplay"] = None,
               wait_for_others: bool = True) -> SweepSummary:
     """Run (or resume) the experiment's study until its budget is met.
 
@@ -430,7 +585,9 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
         results_dir: the results folder; rows go to ``<results_dir>/<name>/trials/``.
         storage: an Optuna storage URL overriding the experiment's.
         device: ``cpu``, ``cuda`` or ``auto``.
-        worker_index: distinguishes the sampler seeds of workers sharing one study.
+        worker_index: fixes this worker's sampler seed (``sampler seed x 1000 + index``); by
+            default the worker takes the study's next free slot as its index (0 for the first
+            worker of a study), so workers started separately get distinct seeds.
         display: progress callbacks (Rich in the CLI).
         wait_for_others: when nothing is left to start but other workers' trials still run,
             wait for them (and re-run theirs if they die) instead of returning.
@@ -443,8 +600,11 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
     # Heartbeats and retries are marked experimental; they are what makes resuming safe.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     url = storage_url(experiment, results_dir, storage)
-    sampler_seed = experiment.sampler_seed * 1000 + worker_index
-    study = open_study(experiment, url, sampler_seed)
+    study = open_study(experiment, url, worker_sampler_seed(experiment, worker_index or 0))
+    if worker_index is None:
+        worker_index = claim_worker_slot(study, url)
+        study.sampler = _sampler(experiment, worker_sampler_seed(experiment, worker_index))
+    sampler_seed = worker_sampler_seed(experiment, worker_index)
     study.set_metric_names([o.metric for o in experiment.objectives]) if experiment.multi_objective else None
     loader = data_loader(experiment)
     loader({})   # fail on bad data before any trial starts
@@ -454,32 +614,71 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
     target = experiment.n_trials()
     deadline = time.monotonic() + experiment.timeout_s if experiment.timeout_s else math.inf
     ran = 0
+    # Checking for room and creating the trial happen under one lock shared by all workers, so
+    # together they start no more trials than the budget; the lock is let go once the trial exists.
+    claim = StorageLock(url, f"attnbench:study:{experiment.name}")
     while time.monotonic() < deadline:
-        optuna.storages.fail_stale_trials(study)
-        state = study_progress(study)
-        if display:
-            display.update(study, state, target)
-        if target is not None and state.done >= target:
-            break
-        if state.interrupted:
-            _requeue(study, state.interrupted)
-            continue
-        if target is not None and state.done + state.running >= target:
+        mine = None
+        with claim:
+            optuna.storages.fail_stale_trials(study)
+            fail_orphaned_trials(study)
+            state = study_progress(study)
+            if display:
+                display.update(study, state, target)
+            if target is not None and state.done >= target:
+                break
+            if state.interrupted:
+                _requeue(study, state.interrupted)
+                continue
+            room = target is None or state.waiting > 0 or state.done + state.running < target
+            if room:   # a queued re-run is taken first; otherwise a new trial is created
+                mine = _optimize_one(study, ctx, claim, deadline, display)
+        if not room:
             if not wait_for_others:
                 break
-            time.sleep(min(HEARTBEAT_S, 2.0))
+            time.sleep(min(heartbeat_settings()[0], 2.0))
             continue
-        study.optimize(lambda t: run_trial(ctx, t), n_trials=1, catch=(TrialFailed,),
-                       timeout=None if deadline is math.inf else max(deadline - time.monotonic(), 1))
         ran += 1
-        last = study.get_trials(deepcopy=False)[-1]
-        if display and last.state == TrialState.FAIL and ERROR_ATTR in last.user_attrs:
-            display.log(f"trial {trial_key(last)} ({last.user_attrs.get('label', '')}) failed: "
-                        f"{last.user_attrs[ERROR_ATTR]}")
+        if display and mine is not None and mine.state == TrialState.FAIL and ERROR_ATTR in mine.user_attrs:
+            display.log(f"trial {trial_key(mine)} ({mine.user_attrs.get('label', '')}) failed: "
+                        f"{mine.user_attrs[ERROR_ATTR]}")
     state = study_progress(study)
     if display:
         display.update(study, state, target)
     return SweepSummary(experiment.name, url, ctx.results, state.done, state.failed, target, ran)
+
+
+def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, deadline: float,
+                  display: Optional["SweepDisplay"]) -> Optional[FrozenTrial]:
+    """Run one trial (a queued re-run, else a new one); ``claim`` is released once it exists."""
+    started: dict[str, int] = {}
+
+    def objective(trial: optuna.Trial) -> Any:
+        claim.release()
+        started["id"] = trial._trial_id
+        try:
+            value = run_trial(ctx, trial)
+        except (TrialFailed, optuna.TrialPruned):
+            started["ended"] = 1
+            raise
+        started["ended"] = 1
+        return value
+
+    try:
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,),
+                       timeout=None if deadline is math.inf else max(deadline - time.monotonic(), 1))
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as err:
+        # This worker missed heartbeats for the grace period (a stall, a lost connection), so
+        # another worker failed its trial and queued a re-run; the re-run's file replaces ours.
+        # Optuna then refuses to record the outcome ("Cannot tell a FAIL trial").
+        mine = study._storage.get_trial(started["id"]) if "id" in started else None
+        ours = "ended" in started or isinstance(err, optuna.exceptions.UpdateFinishedTrialError)
+        if mine is None or mine.state != TrialState.FAIL or not ours:
+            raise
+        if display:
+            display.log(f"trial {trial_key(mine)} was taken over by another worker (no heartbeat for "
+                        f"{heartbeat_settings()[1]} s); it runs again")
+    return study._storage.get_trial(started["id"]) if "id" in started else None
 
 
 class SweepDisplay:

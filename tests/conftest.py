@@ -2,3 +2,57 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/references.py and other test helpers
+
+
+# --- a throwaway PostgreSQL server (scripts/pg-throwaway.sh), for the scale-out tests -------------
+
+import shutil
+import subprocess
+import tempfile
+import uuid
+
+import pytest
+
+_PG_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pg-throwaway.sh"
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL server for the session: 127.0.0.1, its own data directory and port, trust
+    authentication. Skips when there are no server binaries or no psycopg2; CI (.ci/run)
+    installs the server. Yields the URL of its ``postgres`` database."""
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver (pip install -e '.[postgres]') is missing")
+    # Under /tmp, not pytest's tmp folder: as root the server runs as the `postgres` user, which
+    # cannot reach /tmp/pytest-of-root.
+    folder = tempfile.mkdtemp(prefix="attnbench-pg-")
+    started = subprocess.run(["bash", str(_PG_SCRIPT), "start", folder], capture_output=True, text=True)
+    if started.returncode == 3:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"{started.stderr.strip()} (.ci/run installs them)")
+    if started.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.fail(f"scripts/pg-throwaway.sh start failed: {started.stdout}{started.stderr}")
+    try:
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(_PG_SCRIPT), "stop", folder], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, EMPTY database on the session's server (no Optuna schema yet); dropped after."""
+    import psycopg2
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    dsn = pg_server.replace("postgresql+psycopg2://", "postgresql://")
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield pg_server.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()

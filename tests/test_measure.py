@@ -76,21 +76,6 @@ def test_reference_counter_matches_analytic_exactly(name):
         f"{name}: counters see {counted:,} MACs, macs(N) says {analytic:,} ({analytic - counted:+,})")
 
 
-def test_is_counting_is_true_only_inside_a_count():
-    seen = []
-
-    class Probe(nn.Linear):
-        def forward(self, x):
-            seen.append(measure.is_counting())
-            return super().forward(x)
-
-    probe = Probe(4, 4)
-    measure.count_macs_reference(probe, (4,))
-    measure.count_macs(probe, (4,))
-    probe(torch.zeros(1, 4))
-    assert seen and all(seen[:-1]) and seen[-1] is False and not measure.is_counting()
-
-
 def test_count_params():
     layer = nn.Linear(4, 3)
     layer.bias.requires_grad_(False)

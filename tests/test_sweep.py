@@ -130,7 +130,8 @@ def test_ctrl_c_halfway_then_the_same_command_resumes(tmp_path):
     path = experiment_file(tmp_path, variants=("softmax", "identity", "linear", "angular"), steps=4,
                            latency="false")
     command = [sys.executable, "-m", "attnbench.cli", "sweep", str(path), "--results", "results"]
-    env = {**os.environ, "COLUMNS": "120"}
+    # Short heartbeats: a trial cut off mid-bookkeeping is failed and re-queued within seconds.
+    env = {**os.environ, "COLUMNS": "120", "ATTNBENCH_HEARTBEAT_S": "1", "ATTNBENCH_GRACE_S": "3"}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     trials = tmp_path / "results" / "tiny" / "trials"
     deadline = time.monotonic() + 240
