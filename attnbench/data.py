@@ -224,12 +224,18 @@ def _check_fractions(name: str, val_fraction: float, test_fraction: float = 0.0)
                         f"got {val_fraction} + {test_fraction}")
 
 
+def _check_nonempty(name: str, parts: Sequence[np.ndarray], total: int) -> None:
+    for part, label in zip(parts, ("training", "validation", "test")):
+        if len(part) == 0:
+            raise DataError(f"dataset '{name}': the {label} split is empty ({total} images); "
+                            "use more images or larger val_fraction / test_fraction")
+
+
 def _in_memory_splits(name: str, images: torch.Tensor, labels: torch.Tensor, parts: Sequence[np.ndarray],
                       img_size: int, classes: list[str], seed: int, options: dict[str, Any]) -> DataSplits:
     """DataSplits from one in-memory pool and (train, val, test) index arrays."""
+    _check_nonempty(name, parts, len(labels))
     train_idx = torch.as_tensor(parts[0], dtype=torch.long)
-    if len(train_idx) == 0:
-        raise DataError(f"dataset '{name}': the training split is empty")
     mean, std = _channel_stats(images[train_idx])
 
     def part(idx):
@@ -616,9 +622,8 @@ def _load_imagefolder(root: Path, seed: int, *, img_size: int = 32, grayscale: b
                               for p, _ in samples])
         labels = torch.tensor([y for _, y in samples], dtype=torch.long)
         return _in_memory_splits("imagefolder", images, labels, parts, img_size, classes, seed, options)
+    _check_nonempty("imagefolder", parts, len(samples))
     train_samples = [samples[i] for i in parts[0]]
-    if not train_samples:
-        raise DataError("dataset 'imagefolder': the training split is empty")
     probe = LazyImageDataset(train_samples, mode, (), (), img_size)
     picks = np.random.default_rng(seed).permutation(len(train_samples))[:stats_samples]
     mean, std = _channel_stats(torch.stack([probe.raw(int(i)) for i in picks]))

@@ -145,6 +145,7 @@ class TrainResult:
     total_steps: int = 0
     stopped: Optional[str] = None
     train_time_s: float = 0.0
+    train_cpu_s: float = 0.0
     wall_time_s: float = 0.0
     device: str = "cpu"
     num_threads: int = 0
@@ -355,7 +356,7 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
         best: Optional[dict[str, Any]] = None
         step = 0
         bar = _Bar(progress, epochs, total_steps, label)
-        train_start = time.perf_counter()
+        train_start, cpu_start = time.perf_counter(), time.process_time()
         try:
             for epoch in range(epochs):
                 model.train()
@@ -421,6 +422,7 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
             bar.close()
             result.steps = step
             result.train_time_s = time.perf_counter() - train_start
+            result.train_cpu_s = time.process_time() - cpu_start
 
         if result.ok:
             _evaluate_checkpoint(model, best, test_ds, val_ds, evaluate_kw, result)

@@ -3,7 +3,8 @@
 castling-spec.md section 3. The branch A = softmax(q k^T / sqrt(d)) on the raw q, k, masked by
 M = 1[A > threshold] (no gradient through the comparison), adds S v = (M * A * gate) v before
 the output normalisation. It has no parameters, so the official block's state dict loads
-unchanged with the branch on or off; ``castle()`` drops it for inference.
+unchanged with the branch on or off; ``castle()`` drops it for inference. The branch and the
+linear-angular core run the fast paths in ``ops/`` (the plain references beside them).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from attnbench.variant import preset
 from attnbench_variants.linear_angular import LinearAngularAttention, LinearAngularOptions
 from attnbench_variants.mask_schedules import BranchState, branch_state
+from attnbench_variants.ops.masked_softmax import masked_softmax_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,25 +69,20 @@ class CastlingAttention(LinearAngularAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        y = self.kernel_mix(q, k, v)
         state = self.branch()
         self._penalty = None
         self._stats = {}
-        if state is not None:
-            s = self.masked_softmax(q, k, state)
-            sv = s @ v
-            y = y + sv
-            if state.l1_weight > 0:
-                self._penalty = state.l1_weight * s.sum(dim=-1).mean()  # S >= 0, so L1 = row sum
-            self._stats = {"branch_ratio": sv.detach().norm() / y.detach().norm().clamp_min(1e-12)}
-            self._stats["mask_density"] = (s.detach() > 0).float().mean()
-        return self.finish(y, v)
-
-    def masked_softmax(self, q: torch.Tensor, k: torch.Tensor, state: BranchState) -> torch.Tensor:
-        """S = gate * 1[A > threshold] * A with A = softmax(q k^T / sqrt(d)) on the raw q, k."""
-        attn = torch.softmax((q * self.head_dim ** -0.5) @ k.transpose(-2, -1), dim=-1)
-        keep = (attn.detach() > state.threshold).to(attn.dtype)
-        return self.attn_drop(attn * keep * state.gate)
+        if state is None:
+            return self.core(q, k, v)
+        dropout = self.attn_drop if self.training and self.attn_drop.p > 0 else None
+        sv, row_sums, density = masked_softmax_attention(
+            q, k, v, threshold=state.threshold, gate=state.gate, dropout=dropout,
+            need_row_sums=state.l1_weight > 0)
+        y, prenorm = self.core(q, k, v, extra=sv, return_prenorm=True)
+        if row_sums is not None:
+            self._penalty = state.l1_weight * row_sums.mean()  # S >= 0, so L1 = row sum
+        self._stats = {"branch_ratio": sv.detach().norm() / prenorm.clamp_min(1e-12), "mask_density": density}
+        return y
 
     def regularization(self) -> torch.Tensor:
         return self._penalty if self._penalty is not None else super().regularization()

@@ -2,7 +2,8 @@
 
     Y = proj(merge(normalize(0.5 v + (1/pi) q^ (k^^T v)) + DWConv(v)))
 
-with q^ = q/|q|, k^ = k/|k| per token and head. No Python loop over heads or tokens.
+with q^ = q/|q|, k^ = k/|k| per token and head. The core lives in ``ops/linear_angular.py``: a
+fast path (default) beside the plain reference. No Python loop over heads or tokens.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench.variant import AttentionVariant
+from attnbench_variants.ops.linear_angular import linear_angular
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,27 +65,23 @@ class LinearAngularAttention(AttentionVariant):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.finish(self.kernel_mix(q, k, v), v)
+        return self.core(q, k, v)
 
-    def kernel_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The linear term of the angular kernel applied to v, before output normalisation."""
-        eps = self.options.eps
-        q_hat = F.normalize(q, dim=-1, eps=eps)
-        k_hat = F.normalize(k, dim=-1, eps=eps)
-        context = k_hat.transpose(-2, -1) @ v                         # (B, h, d, d), no 1/N
-        if self.options.constant == "official":
-            return 0.5 * v + (q_hat @ context) / math.pi
-        numerator = 0.5 * v.sum(dim=-2, keepdim=True) + (q_hat @ context) / math.pi
-        row_sum = 0.5 * v.shape[-2] + (q_hat @ k_hat.sum(dim=-2, keepdim=True).transpose(-2, -1)) / math.pi
-        return numerator / row_sum
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: Optional[torch.Tensor] = None,
+             return_prenorm: bool = False):
+        """normalize(linear term of the angular kernel applied to v [+ extra]) + residual(v).
 
-    def finish(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Output normalisation, then the (unnormalised) convolution residual on the raw v."""
-        if self.options.normalize_output:
-            y = F.normalize(y, dim=-1, eps=self.options.eps)
-        if self.dconv is not None:
-            y = y + self.conv_residual(v)
-        return y
+        ``extra`` (B, h, N, d) joins before the output normalisation (Castling's S v). Runs the
+        implementation selected in :mod:`attnbench_variants.ops.linear_angular` (fast by default,
+        the plain reference with ``use_impl("reference")``). With ``return_prenorm`` also returns
+        |y| before the normalisation (detached).
+        """
+        o = self.options
+        return linear_angular(
+            q, k, v, eps=o.eps, constant=o.constant, normalize_output=o.normalize_output, extra=extra,
+            conv_weight=self.dconv.weight if o.residual == "dwconv" else None,
+            residual=self.conv_residual(v) if o.residual == "dwconv2d" else None,
+            return_prenorm=return_prenorm)
 
     def conv_residual(self, v: torch.Tensor) -> torch.Tensor:
         if self.options.residual == "dwconv":

@@ -1,0 +1,264 @@
+"""The linear-angular attention core (castling-spec.md section 2): plain reference and fast path.
+
+Per head, on q, k, v of shape (B, h, N, d)::
+
+    y   = 0.5 v + (1/pi) q^ (k^^T v)          (+ extra, e.g. Castling's S v)
+    out = y / max(|y|, eps)                     (if normalize_output)
+          + DWConv_tokens(v) or another residual (added after the normalisation)
+
+with x^ = x / max(|x|, eps) per token (``F.normalize``; the official code has no eps). The
+``faithful`` constant replaces y by (0.5 sum_n v_n + (1/pi) q^ (k^^T v)) / (0.5 N + (1/pi) q^ . sum_n k^_n).
+
+Three implementations of the same numbers, chosen by :func:`attnbench_variants.ops.set_impl` /
+``use_impl`` or the environment variable ``ATTNBENCH_OPS`` (default ``fast``):
+
+- ``reference`` (:func:`linear_angular_naive`): the formula as written: k^ and q^ materialised,
+  ``F.normalize`` three times, ``F.conv2d`` for the residual. Tests compare against it.
+- ``fast`` (:func:`linear_angular_fast`): the same algebra in fewer passes over memory and
+  fewer kernels: q^ G = diag(1/|q|) q G, so q^ is never built and 0.5 v + (1/pi) q^ G is one
+  ``addcdiv`` of 2 y = v + (2/pi) (q G) / |q|, whose factor 2 cancels in the normalisation
+  (with the floor 2 eps, exactly x / max(|x|, eps)); the norms are single reductions; the DWConv is K
+  shifted multiply-adds straight into the output (``F.conv2d`` with a (K, 1) depthwise kernel
+  is one of PyTorch's slowest CPU paths). Without autograd (inference) every step after k^
+  writes into that one (B, h, N, d) buffer, which becomes the output; with autograd it takes
+  out-of-place steps only where a backward needs the value.
+- ``compile``: the fast path through ``torch.compile`` (Inductor fuses the elementwise work);
+  if compiling fails (no C compiler, unsupported backend) it warns once and runs ``fast``.
+
+No Python loop over heads or tokens (the DWConv loops over its K taps).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from attnbench_variants.ops import IMPLS, get_impl, set_impl, use_impl
+
+__all__ = ["IMPLS", "get_impl", "set_impl", "use_impl", "linear_angular", "linear_angular_naive",
+           "linear_angular_fast", "dwconv_tokens", "add_dwconv_tokens_"]
+
+Constant = Literal["official", "faithful"]
+
+
+# --- the plain reference --------------------------------------------------------------------
+
+def dwconv_tokens(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise filter along tokens, one per head, shared over d: weight (h, 1, K, 1), zero padded."""
+    return F.conv2d(v, weight, padding=(weight.shape[-2] // 2, 0), groups=weight.shape[0])
+
+
+def linear_angular_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6,
+                         constant: Constant = "official", normalize_output: bool = True,
+                         extra: Optional[torch.Tensor] = None, conv_weight: Optional[torch.Tensor] = None,
+                         residual: Optional[torch.Tensor] = None, return_prenorm: bool = False):
+    """The reference formulation, step by step as in castling-spec.md section 2.
+
+    Args:
+        q, k, v: (B, h, N, d).
+        eps: norm floor, ``F.normalize`` semantics x / max(|x|, eps).
+        constant: ``official`` (0.5 v) or ``faithful`` (0.5 sum v and the kernel row sum).
+        normalize_output: divide y by its norm per token and head.
+        extra: (B, h, N, d) added to y before the normalisation (Castling's S v).
+        conv_weight: (h, 1, K, 1) DWConv along tokens on v, added after the normalisation.
+        residual: any (B, h, N, d) tensor added after the normalisation.
+        return_prenorm: also return |y| (Frobenius, detached) before the normalisation.
+
+    Returns:
+        out, or (out, |y|) with ``return_prenorm``.
+    """
+    q_hat = F.normalize(q, dim=-1, eps=eps)
+    k_hat = F.normalize(k, dim=-1, eps=eps)
+    context = k_hat.transpose(-2, -1) @ v                         # (B, h, d, d), no 1/N
+    if constant == "official":
+        y = 0.5 * v + (q_hat @ context) / math.pi
+    else:
+        numerator = 0.5 * v.sum(dim=-2, keepdim=True) + (q_hat @ context) / math.pi
+        row_sum = 0.5 * v.shape[-2] + (q_hat @ k_hat.sum(dim=-2, keepdim=True).transpose(-2, -1)) / math.pi
+        y = numerator / row_sum
+    if extra is not None:
+        y = y + extra
+    prenorm = y.detach().norm() if return_prenorm else None
+    if normalize_output:
+        y = F.normalize(y, dim=-1, eps=eps)
+    if conv_weight is not None:
+        y = y + dwconv_tokens(v, conv_weight)
+    if residual is not None:
+        y = y + residual
+    return (y, prenorm) if return_prenorm else y
+
+
+# --- the fast path -------------------------------------------------------------------------
+
+def _norm_floor(x: torch.Tensor, floor: float, inplace: bool) -> torch.Tensor:
+    """max(|x|, floor) over the last dim, keepdim (``F.normalize``'s denominator): one reduction pass."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return norm.clamp_min_(floor) if inplace else norm.clamp_min(floor)
+
+
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _conv_taps_(out: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out += DWConv_tokens(v, weight) in place: K shifted multiply-adds, no padded copy of v."""
+    size, n = weight.shape[-2], v.shape[-2]
+    taps = weight.reshape(weight.shape[0], size, 1, 1)     # taps[:, t] is (h, 1, 1)
+    for t in range(size):                                 # a loop over taps, not tokens
+        shift = t - size // 2
+        if shift == 0:
+            out.addcmul_(v, taps[:, t])
+        elif 0 < shift < n:                               # out[i] += w_t v[i + shift]
+            out[..., :n - shift, :].addcmul_(v[..., shift:, :], taps[:, t])
+        elif 0 < -shift < n:
+            out[..., -shift:, :].addcmul_(v[..., :n + shift, :], taps[:, t])
+    return out
+
+
+class _AddDWConvTokens(torch.autograd.Function):
+    """out += DWConv_tokens(v, weight) in place, with a backward of K shifted multiply-adds too.
+
+    (Autograd through the in-place taps would record K CopySlices nodes, whose backward clones
+    and zero-fills the gradient once per tap.)
+    """
+
+    @staticmethod
+    def forward(ctx, out, v, weight):
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(v, weight)
+        return _conv_taps_(out, v, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        v, weight = ctx.saved_tensors
+        grad_v = grad_w = None
+        if ctx.needs_input_grad[1]:   # the transposed filter: the same taps, mirrored
+            grad_v = _conv_taps_(torch.zeros_like(v), grad.contiguous(), weight.flip(-2))
+        if ctx.needs_input_grad[2]:   # dw_t = sum over batch, tokens, d of grad[i] v[i + shift]
+            size, n = weight.shape[-2], v.shape[-2]
+            dots = []
+            for t in range(size):
+                shift = t - size // 2
+                if abs(shift) >= n:
+                    dots.append(grad.new_zeros(weight.shape[0]))
+                    continue
+                g = grad[..., :n - shift, :] if shift >= 0 else grad[..., -shift:, :]
+                x = v[..., shift:, :] if shift >= 0 else v[..., :n + shift, :]
+                dots.append((g * x).sum(dim=(0, 2, 3)))   # faster than bmm/einsum dot products
+            grad_w = torch.stack(dots, dim=-1).reshape(weight.shape)
+        return grad, grad_v, grad_w
+
+
+def add_dwconv_tokens_(out: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out += DWConv_tokens(v, weight), in place (differentiable): equal to ``out + dwconv_tokens(v, weight)``.
+
+    ``out`` must not be needed by the backward of the op that made it.
+    """
+    if _needs_grad(out, v, weight):
+        return _AddDWConvTokens.apply(out, v, weight)
+    return _conv_taps_(out, v, weight)
+
+
+def _fast(q, k, v, eps, constant, normalize_output, extra, conv_weight, residual, return_prenorm,
+          inplace: bool, plain_conv: bool = False):
+    """The fast path. ``inplace`` (no autograd): k^'s buffer is reused for every later step.
+    ``plain_conv``: add the DWConv as ``F.conv2d`` (what MAC counters can see)."""
+    c = 2.0 / math.pi
+    k_hat = k / _norm_floor(k, eps, inplace)              # the one (B, h, N, d) scratch
+    context = k_hat.transpose(-2, -1) @ v                 # (B, h, d, d)
+    q_norm = _norm_floor(q, eps, inplace)
+    if constant == "official":
+        # 2 y = v + 2/pi (q (k^^T v)) / max(|q|, eps)
+        if inplace:
+            y = torch.addcdiv(v, torch.matmul(q, context, out=k_hat), q_norm, value=c, out=k_hat)
+        else:
+            y = torch.addcdiv(v, q @ context, q_norm, value=c)
+        scale = 2.0                                       # y holds 2 y
+    else:
+        # y = (sum v + 2/pi (q (k^^T v)) / |q|) / (N + 2/pi (q . sum k^) / |q|)
+        row_sum = (q @ k_hat.sum(dim=-2, keepdim=True).transpose(-2, -1)).div_(q_norm).mul_(c).add_(v.shape[-2])
+        v_sum = v.sum(dim=-2, keepdim=True)
+        if inplace:
+            y = torch.addcdiv(v_sum, torch.matmul(q, context, out=k_hat), q_norm, value=c, out=k_hat).div_(row_sum)
+        else:
+            y = torch.addcdiv(v_sum, q @ context, q_norm, value=c) / row_sum
+        scale = 1.0
+    if extra is not None:
+        y.add_(extra, alpha=scale)                        # add keeps nothing for backward: safe
+    if normalize_output:
+        norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        prenorm = norm.detach().square().sum().sqrt() / scale if return_prenorm else None
+        # x / max(|x|, eps) == (s x) / max(|s x|, s eps)
+        if inplace:
+            out = y.div_(norm.clamp_min_(scale * eps))
+        else:
+            out = y / norm.clamp_min(scale * eps)
+    else:
+        prenorm = y.detach().norm() / scale if return_prenorm else None
+        out = y.mul_(1.0 / scale) if scale != 1.0 else y
+    # out is the fresh output of div/mul/addcdiv, whose backward does not need it: add in place.
+    if conv_weight is not None:
+        if plain_conv:
+            out.add_(dwconv_tokens(v, conv_weight))
+        else:
+            add_dwconv_tokens_(out, v, conv_weight)
+    if residual is not None:
+        out.add_(residual)
+    return out, prenorm
+
+
+def linear_angular_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = 1e-6,
+                        constant: Constant = "official", normalize_output: bool = True,
+                        extra: Optional[torch.Tensor] = None, conv_weight: Optional[torch.Tensor] = None,
+                        residual: Optional[torch.Tensor] = None, return_prenorm: bool = False):
+    """Same arguments and result as :func:`linear_angular_naive` (within float rounding), faster."""
+    inplace = not _needs_grad(q, k, v, extra, conv_weight, residual)
+    # Under a dispatch mode (torch's FlopCounterMode, ptflops' aten backend) the DWConv runs as
+    # F.conv2d, so that MAC counters see its multiply-adds (the K shifted adds are elementwise).
+    counted = _dispatch_modes() > 0
+    out, prenorm = _fast(q, k, v, eps, constant, normalize_output, extra, conv_weight, residual,
+                         return_prenorm, inplace, counted)
+    return (out, prenorm) if return_prenorm else out
+
+
+_compiled = None
+_compile_failed = False
+
+
+def _linear_angular_compiled(q, k, v, *, eps: float = 1e-6, constant: Constant = "official",
+                             normalize_output: bool = True, extra=None, conv_weight=None, residual=None,
+                             return_prenorm: bool = False):
+    """The fast path under ``torch.compile``; falls back to eager ``fast`` (warning once) on failure."""
+    global _compiled, _compile_failed
+    args = (eps, constant, normalize_output, extra, conv_weight, residual, return_prenorm)
+    if not _compile_failed and not _dispatch_modes():    # counters see the eager ops
+        try:
+            if _compiled is None:
+                _compiled = torch.compile(_fast)
+            out, prenorm = _compiled(q, k, v, *args, False)
+            return (out, prenorm) if return_prenorm else out
+        except Exception as err:  # no C compiler, unsupported device or backend, ...
+            _compile_failed = True
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            warnings.warn(f"torch.compile of linear-angular attention failed ({type(err).__name__}: "
+                          f"{first_line}); using the eager fast path", RuntimeWarning, stacklevel=3)
+    return linear_angular_fast(q, k, v, eps=eps, constant=constant, normalize_output=normalize_output,
+                               extra=extra, conv_weight=conv_weight, residual=residual,
+                               return_prenorm=return_prenorm)
+
+
+def linear_angular(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
+    """Dispatch to the implementation chosen by :func:`attnbench_variants.ops.set_impl`."""
+    impl = get_impl()
+    if impl == "reference":
+        return linear_angular_naive(q, k, v, **kwargs)
+    if impl == "compile":
+        return _linear_angular_compiled(q, k, v, **kwargs)
+    return linear_angular_fast(q, k, v, **kwargs)
