@@ -199,6 +199,19 @@ class _Reader:
                                              f"(expected one of: {', '.join(allowed)})")
         return value
 
+    def entries(self, value: Any, field: str, shorthand: str, allowed: tuple[str, ...]) -> list[tuple[str, dict]]:
+        """A non-empty list of mappings as (field path, mapping); a bare string ``s`` stands for
+        ``{shorthand: s}`` and a lone item for a list of one."""
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            self.fail(field, f"expected a non-empty list, got {_show(value)}")
+        out = []
+        for i, item in enumerate(value):
+            path = f"{field}[{i}]"
+            out.append((path, self.mapping({shorthand: item} if isinstance(item, str) else item, path, allowed)))
+        return out
+
     def string(self, value: Any, field: str) -> str:
         if not isinstance(value, str) or not value.strip():
             self.fail(field, f"expected a non-empty string, got {_show(value)}")
@@ -392,16 +405,8 @@ def _variant_name(r: _Reader, name: Any, field: str) -> str:
 def _configs(r: _Reader, raw: Any) -> tuple[VariantConfig, ...]:
     if raw is None:
         r.fail("variants", "missing; expected a list of variants (names or {label, variant, options})")
-    if isinstance(raw, (str, dict)):
-        raw = [raw]
-    if not isinstance(raw, list) or not raw:
-        r.fail("variants", f"expected a non-empty list, got {_show(raw)}")
     configs = []
-    for i, item in enumerate(raw):
-        field = f"variants[{i}]"
-        if isinstance(item, str):
-            item = {"variant": item}
-        entry = r.mapping(item, field, ("label", "variant", "options"))
+    for field, entry in r.entries(raw, "variants", "variant", ("label", "variant", "options")):
         if "variant" not in entry:
             r.fail(f"{field}.variant", "missing; expected a registered variant name")
         variant = _variant_name(r, entry["variant"], f"{field}.variant")
@@ -515,16 +520,8 @@ def _sampler(r: _Reader, raw: Any) -> tuple[str, int]:
 
 
 def _objectives(r: _Reader, raw: Any) -> tuple[Objective, ...]:
-    if isinstance(raw, (str, dict)):
-        raw = [raw]
-    if not isinstance(raw, list) or not raw:
-        r.fail("objectives", f"expected a non-empty list, got {_show(raw)}")
     out = []
-    for i, item in enumerate(raw):
-        field = f"objectives[{i}]"
-        if isinstance(item, str):
-            item = {"metric": item}
-        entry = r.mapping(item, field, ("metric", "direction"))
+    for field, entry in r.entries(raw, "objectives", "metric", ("metric", "direction")):
         metric = r.string(entry.get("metric"), f"{field}.metric")
         if metric not in METRICS:
             r.fail(f"{field}.metric", f"unknown metric '{metric}'{did_you_mean(metric, METRICS)} "
