@@ -19,6 +19,10 @@ Registered data sets:
     the Long Range Arena's Pathfinder: curved one-pixel paths, two 3x3 marks on path ends.
     No local patch decides the label; the model must relate the two marks through the path,
     so kernels that lose global context show it.
+``marks``
+    Generated 16x16 "do the two marks match?" images (binary): two 3x3 glyphs at least 8 pixels
+    apart. A model whose class token cannot relate distant tokens stays at chance; one that
+    mixes globally learns it on a CPU budget (see the README's Training section).
 ``imagefolder``
     A local ``torchvision.datasets.ImageFolder`` tree (``root/<class>/<image>``), or one with
     ``train/`` and ``test/`` (or ``val/``) sub-trees whose split is then kept.
@@ -61,6 +65,7 @@ __all__ = [
     "load_dataset",
     "stratified_split",
     "generate_pathfinder",
+    "generate_marks",
 ]
 
 
@@ -489,6 +494,57 @@ def _load_pathfinder(seed: int, *, num_samples: int = 4000, img_size: int = 32, 
                "generator_seed": generator_seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
     return _in_memory_splits("pathfinder", images_t, labels_t, parts, img_size, ["disconnected", "connected"],
                              seed, options)
+
+
+def generate_marks(num_samples: int = 4000, size: int = 16, seed: int = 0, num_glyphs: int = 2,
+                   min_distance: float = 8.0, noise: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Generated "do the two marks match?" images: two 3x3 glyphs far apart (binary labels).
+
+    Returns (images (N, size, size), labels (N,), the glyphs' top-left corners (N, 2, 2)).
+
+    ``num_glyphs`` random 3x3 glyphs (distinct, at least 4 of 9 pixels on) are drawn from
+    ``seed``; each image holds two of them at least ``min_distance`` pixels apart, the same
+    glyph for label 1 (half the images), two different ones for label 0, on faint uniform noise.
+    Each glyph alone is uninformative: only relating the two distant marks decides the label.
+    """
+    rng = np.random.default_rng(seed)
+    glyphs: list[np.ndarray] = []
+    while len(glyphs) < num_glyphs:
+        g = (rng.random((3, 3)) < 0.5).astype(np.float32)
+        if g.sum() >= 4 and all((g != h).any() for h in glyphs):
+            glyphs.append(g)
+    images = (rng.random((num_samples, size, size)) * noise).astype(np.float32)
+    corners = np.zeros((num_samples, 2, 2), dtype=np.int64)
+    labels = np.arange(num_samples) % 2
+    rng.shuffle(labels)
+    for i in range(num_samples):
+        first = rng.integers(num_glyphs)
+        second = first if labels[i] else (first + rng.integers(1, num_glyphs)) % num_glyphs
+        while True:
+            a, b = rng.integers(0, size - 2, size=(2, 2))
+            if math.dist(a, b) >= min_distance:
+                break
+        images[i, a[0]:a[0] + 3, a[1]:a[1] + 3] = glyphs[first]
+        images[i, b[0]:b[0] + 3, b[1]:b[1] + 3] = glyphs[second]
+        corners[i] = (a, b)
+    return images, labels.astype(np.int64), corners
+
+
+@register_dataset("marks")
+def _load_marks(seed: int, *, num_samples: int = 4000, img_size: int = 16, size: int = 16, num_glyphs: int = 2,
+                min_distance: float = 8.0, noise: float = 0.1, generator_seed: int = 0, val_fraction: float = 0.15,
+                test_fraction: float = 0.2) -> DataSplits:
+    """Generated 16x16 "do the two distant marks match?" images (binary, 1 channel)."""
+    _check_fractions("marks", val_fraction, test_fraction)
+    if size < 6 or min_distance > math.dist((0, 0), (size - 3, size - 3)):
+        raise DataError(f"dataset 'marks': size {size} leaves no room for two marks {min_distance} px apart")
+    images, labels, _ = generate_marks(num_samples, size, generator_seed, num_glyphs, float(min_distance), noise)
+    parts = stratified_split(labels, (1 - val_fraction - test_fraction, val_fraction, test_fraction), seed)
+    options = {"num_samples": num_samples, "img_size": img_size, "size": size, "num_glyphs": num_glyphs,
+               "min_distance": min_distance, "noise": noise, "generator_seed": generator_seed,
+               "val_fraction": val_fraction, "test_fraction": test_fraction}
+    return _in_memory_splits("marks", torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), parts,
+                             img_size, ["different", "same"], seed, options)
 
 
 # --- CIFAR-10 python batches --------------------------------------------------------------------

@@ -52,7 +52,8 @@ def split_fingerprint(splits):
     return [ds.images.sum(dim=(1, 2, 3)) for ds in (splits.train, splits.val, splits.test)]
 
 
-@pytest.mark.parametrize("name,options", [("digits", {}), ("pathfinder", PATHFINDER_SMALL)])
+@pytest.mark.parametrize("name,options", [("digits", {}), ("pathfinder", PATHFINDER_SMALL),
+                                          ("marks", {"num_samples": 200})])
 def test_embedded_sets_load_deterministically(name, options):
     a = data.load_dataset(name, seed=3, **options)
     b = data.load_dataset(name, seed=3, **options)
@@ -82,7 +83,7 @@ def test_digits_resize_and_dataset_options():
     s = data.load_dataset("digits", img_size=16)
     assert s.train.batch(torch.arange(2))[0].shape == (2, 1, 16, 16)
     assert s.num_classes == 10 and s.in_chans == 1 and s.img_size == 16
-    assert set(data.list_datasets()) >= {"digits", "pathfinder", "imagefolder", "cifar10"}
+    assert set(data.list_datasets()) >= {"digits", "pathfinder", "marks", "imagefolder", "cifar10"}
     assert data.dataset_options("digits")["val_fraction"] == 0.15
 
 
@@ -174,3 +175,16 @@ def test_an_empty_split_is_an_error(tmp_path):
     root = make_image_folder(tmp_path / "few", per_class=2)
     with pytest.raises(data.DataError, match="validation split is empty"):
         data.load_dataset("imagefolder", root=root, val_fraction=0.1, test_fraction=0.5)
+
+
+def test_marks_labels_say_whether_the_two_distant_glyphs_match():
+    images, labels, corners = data.generate_marks(num_samples=300, size=16, seed=0, num_glyphs=3, noise=0.0)
+    assert 0.4 < labels.mean() < 0.6
+    for image, label, (a, b) in zip(images, labels, corners):
+        first, second = image[a[0]:a[0] + 3, a[1]:a[1] + 3], image[b[0]:b[0] + 3, b[1]:b[1] + 3]
+        assert np.hypot(*(a - b)) >= 8.0
+        assert np.array_equal(first, second) == bool(label)
+    again = data.generate_marks(num_samples=300, size=16, seed=0, num_glyphs=3, noise=0.0)
+    assert np.array_equal(images, again[0]) and np.array_equal(labels, again[1])
+    with pytest.raises(data.DataError, match="no room"):
+        data.load_dataset("marks", size=6, min_distance=20.0)

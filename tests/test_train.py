@@ -31,6 +31,7 @@ def digits():
 @pytest.mark.parametrize("name,kwargs", [
     ("digits", {}),
     ("pathfinder", {"num_samples": 200}),
+    ("marks", {"num_samples": 200}),
     ("imagefolder", {"img_size": 8}),
     ("imagefolder", {"img_size": 8, "in_memory": False}),
     ("cifar10", {"img_size": 8}),
