@@ -523,8 +523,7 @@ def _pruning_reporter(trial: optuna.Trial, e: Experiment) -> Optional[Callable[[
 def _objective_values(e: Experiment, rows: list[dict]) -> list[float]:
     values = []
     for objective in e.objectives:
-        column = {"macs": "macs", "params": "params"}.get(objective.metric, objective.metric)
-        samples = [r[column] for r in rows if r.get(column) is not None]
+        samples = [r[objective.metric] for r in rows if r.get(objective.metric) is not None]
         if not samples:
             raise TrialFailed(f"objective '{objective.metric}' was not measured "
                               f"(enable it under 'measure')")
@@ -605,7 +604,8 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
         worker_index = claim_worker_slot(study, url)
         study.sampler = _sampler(experiment, worker_sampler_seed(experiment, worker_index))
     sampler_seed = worker_sampler_seed(experiment, worker_index)
-    study.set_metric_names([o.metric for o in experiment.objectives]) if experiment.multi_objective else None
+    if experiment.multi_objective:
+        study.set_metric_names([o.metric for o in experiment.objectives])
     loader = data_loader(experiment)
     loader({})   # fail on bad data before any trial starts
     env = measure.environment(device, threads=experiment.measure.threads)
