@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from attnbench import registry
+from attnbench import allocator, registry
 
 console = Console()
 err_console = Console(stderr=True)
@@ -33,6 +33,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main() -> None:
     """Benchmark and ablate attention variants inside timm vision transformers."""
     warnings.showwarning = _show_warning
+    allocator.tune_malloc()   # training steps stop faulting their buffers back in (ATTNBENCH_MALLOC=system: off)
 
 
 @main.command("variants")

@@ -32,6 +32,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from attnbench import allocator
+
 __all__ = [
     "count_macs",
     "count_macs_reference",
@@ -447,7 +449,7 @@ def environment(device: str = "cpu", threads: Optional[int] = None) -> dict[str,
         ``cpu_model``, ``cpu_count`` (cores this process may use), ``load_avg_1m`` (the
         system's 1-minute load average now: other work competing for the cores; None where
         unknown), ``git_commit`` and ``git_dirty`` of the repository holding the current
-        directory (None outside one).
+        directory (None outside one), ``allocator`` (:func:`attnbench.allocator.malloc_setting`).
     """
     device = str(device)
     cpu = cpu_model()
@@ -479,4 +481,5 @@ def environment(device: str = "cpu", threads: Optional[int] = None) -> dict[str,
         "load_avg_1m": _load_average(),
         "git_commit": commit or None,
         "git_dirty": dirty,
+        "allocator": allocator.malloc_setting(),
     }

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from attnbench import measure
+from attnbench import allocator, measure
 from attnbench_variants.castling import CastlingAttention
 from attnbench_variants.linear_angular import LinearAngularAttention
 from attnbench_variants.ops import linear_angular as la
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tokens = [int(t) for t in (args.tokens or ("197,785" if args.training else "197,785,3137,12545")).split(",")]
     torch.set_num_threads(args.threads)
+    allocator.tune_malloc()   # as the attnbench command does; ATTNBENCH_MALLOC=system keeps glibc's defaults
 
     rows = []
     for n in tokens:
@@ -135,7 +136,8 @@ def main(argv=None) -> int:
 
     env = measure.environment(args.device, args.threads)
     print(f"# {env['device_name']}, {args.threads} threads, torch {env['torch_version']}, B={args.batch} "
-          f"h={args.heads} d={args.head_dim} float32, median of {args.repeats} interleaved blocks")
+          f"h={args.heads} d={args.head_dim} float32, median of {args.repeats} interleaved blocks, "
+          f"allocator: {env['allocator']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "environment": env,

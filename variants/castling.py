@@ -16,7 +16,7 @@ import torch
 from attnbench.variant import preset
 from attnbench_variants.linear_angular import LinearAngularAttention, LinearAngularOptions
 from attnbench_variants.mask_schedules import BranchState, branch_state
-from attnbench_variants.ops.masked_softmax import masked_softmax_attention
+from attnbench_variants.ops.castling import castling_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +75,13 @@ class CastlingAttention(LinearAngularAttention):
         if state is None:
             return self.core(q, k, v)
         dropout = self.attn_drop if self.training and self.attn_drop.p > 0 else None
-        sv, row_sums, density = masked_softmax_attention(
-            q, k, v, threshold=state.threshold, gate=state.gate, dropout=dropout,
-            need_row_sums=state.l1_weight > 0)
-        y, prenorm = self.core(q, k, v, extra=sv, return_prenorm=True)
-        if row_sums is not None:
-            self._penalty = state.l1_weight * row_sums.mean()  # S >= 0, so L1 = row sum
-        self._stats = {"branch_ratio": sv.detach().norm() / prenorm.clamp_min(1e-12), "mask_density": density}
-        return y
+        result = castling_attention(q, k, v, threshold=state.threshold, gate=state.gate, dropout=dropout,
+                                    need_row_sums=state.l1_weight > 0, **self.core_options(v))
+        if result.row_sums is not None:
+            self._penalty = state.l1_weight * result.row_sums.mean()  # S >= 0, so L1 = row sum
+        self._stats = {"branch_ratio": result.branch_norm / result.prenorm.clamp_min(1e-12),
+                       "mask_density": result.density}
+        return result.out
 
     def regularization(self) -> torch.Tensor:
         return self._penalty if self._penalty is not None else super().regularization()

@@ -67,21 +67,20 @@ class LinearAngularAttention(AttentionVariant):
                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         return self.core(q, k, v)
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: Optional[torch.Tensor] = None,
-             return_prenorm: bool = False):
-        """normalize(linear term of the angular kernel applied to v [+ extra]) + residual(v).
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """normalize(linear term of the angular kernel applied to v) + residual(v).
 
-        ``extra`` (B, h, N, d) joins before the output normalisation (Castling's S v). Runs the
-        implementation selected in :mod:`attnbench_variants.ops.linear_angular` (fast by default,
-        the plain reference with ``use_impl("reference")``). With ``return_prenorm`` also returns
-        |y| before the normalisation (detached).
+        Runs the implementation selected in :mod:`attnbench_variants.ops` (fast by default, the
+        plain reference with ``use_impl("reference")``).
         """
+        return linear_angular(q, k, v, **self.core_options(v))
+
+    def core_options(self, v: torch.Tensor) -> dict:
+        """Keyword options of the core ops for this layer: eps, constant, normalisation, residual."""
         o = self.options
-        return linear_angular(
-            q, k, v, eps=o.eps, constant=o.constant, normalize_output=o.normalize_output, extra=extra,
-            conv_weight=self.dconv.weight if o.residual == "dwconv" else None,
-            residual=self.conv_residual(v) if o.residual == "dwconv2d" else None,
-            return_prenorm=return_prenorm)
+        return dict(eps=o.eps, constant=o.constant, normalize_output=o.normalize_output,
+                    conv_weight=self.dconv.weight if o.residual == "dwconv" else None,
+                    residual=self.conv_residual(v) if o.residual == "dwconv2d" else None)
 
     def conv_residual(self, v: torch.Tensor) -> torch.Tensor:
         if self.options.residual == "dwconv":

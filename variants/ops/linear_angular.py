@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,19 +106,44 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _conv_taps_(out: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _conv_taps_(out: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, skip_center: bool = False) -> torch.Tensor:
     """out += DWConv_tokens(v, weight) in place: K shifted multiply-adds, no padded copy of v."""
     size, n = weight.shape[-2], v.shape[-2]
     taps = weight.reshape(weight.shape[0], size, 1, 1)     # taps[:, t] is (h, 1, 1)
     for t in range(size):                                 # a loop over taps, not tokens
         shift = t - size // 2
         if shift == 0:
-            out.addcmul_(v, taps[:, t])
+            if not skip_center:
+                out.addcmul_(v, taps[:, t])
         elif 0 < shift < n:                               # out[i] += w_t v[i + shift]
             out[..., :n - shift, :].addcmul_(v[..., shift:, :], taps[:, t])
         elif 0 < -shift < n:
             out[..., -shift:, :].addcmul_(v[..., :n + shift, :], taps[:, t])
     return out
+
+
+def _conv_taps(base: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """base + DWConv_tokens(v, weight) in a new tensor (the centre tap writes it)."""
+    centre = weight.reshape(weight.shape[0], -1, 1, 1)[:, weight.shape[-2] // 2]
+    return _conv_taps_(torch.addcmul(base, v, centre), v, weight, skip_center=True)
+
+
+def _conv_weight_grad(grad: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d loss / d weight of DWConv_tokens(v, weight) given its output gradient ``grad``.
+
+    dw_t = sum over batch, tokens and d of grad[i] v[i + shift_t]: one dot product per tap.
+    """
+    size, n = weight.shape[-2], v.shape[-2]
+    dots = []
+    for t in range(size):
+        shift = t - size // 2
+        if abs(shift) >= n:
+            dots.append(grad.new_zeros(weight.shape[0]))
+            continue
+        g = grad[..., :n - shift, :] if shift >= 0 else grad[..., -shift:, :]
+        x = v[..., shift:, :] if shift >= 0 else v[..., :n + shift, :]
+        dots.append(torch.linalg.vecdot(g, x).sum(dim=(0, 2)))   # faster than (g * x).sum, bmm, einsum
+    return torch.stack(dots, dim=-1).reshape(weight.shape)
 
 
 class _AddDWConvTokens(torch.autograd.Function):
@@ -141,19 +166,117 @@ class _AddDWConvTokens(torch.autograd.Function):
         grad_v = grad_w = None
         if ctx.needs_input_grad[1]:   # the transposed filter: the same taps, mirrored
             grad_v = _conv_taps_(torch.zeros_like(v), grad.contiguous(), weight.flip(-2))
-        if ctx.needs_input_grad[2]:   # dw_t = sum over batch, tokens, d of grad[i] v[i + shift]
-            size, n = weight.shape[-2], v.shape[-2]
-            dots = []
-            for t in range(size):
-                shift = t - size // 2
-                if abs(shift) >= n:
-                    dots.append(grad.new_zeros(weight.shape[0]))
-                    continue
-                g = grad[..., :n - shift, :] if shift >= 0 else grad[..., -shift:, :]
-                x = v[..., shift:, :] if shift >= 0 else v[..., :n + shift, :]
-                dots.append((g * x).sum(dim=(0, 2, 3)))   # faster than bmm/einsum dot products
-            grad_w = torch.stack(dots, dim=-1).reshape(weight.shape)
+        if ctx.needs_input_grad[2]:
+            grad_w = _conv_weight_grad(grad, v, weight)
         return grad, grad_v, grad_w
+
+
+class CoreSaved(NamedTuple):
+    """What the training core's backward needs (see :func:`core_forward`)."""
+
+    q: torch.Tensor
+    k_hat: torch.Tensor
+    v: torch.Tensor
+    context: torch.Tensor                 # G = k^^T v, (B, h, d, d)
+    q_norm: torch.Tensor                  # max(|q|, eps), (B, h, N, 1)
+    k_norm: torch.Tensor
+    out: torch.Tensor                     # the output before the DWConv
+    y_norm: Optional[torch.Tensor]        # max(|2 y|, 2 eps), or None without the normalisation
+    conv_weight: Optional[torch.Tensor]
+    eps: float
+
+
+def core_forward(q, k, v, extra, conv_weight, eps: float, normalize_output: bool, extra_alpha: float = 1.0):
+    """Forward of the official core, keeping what :func:`core_backward` needs.
+
+    Returns (out, |y| before the normalisation, CoreSaved); ``extra_alpha * extra`` joins y.
+    """
+    c = 2.0 / math.pi
+    k_norm = _norm_floor(k, eps, inplace=True)
+    k_hat = k / k_norm
+    context = k_hat.transpose(-2, -1) @ v
+    q_norm = _norm_floor(q, eps, inplace=True)
+    y = torch.addcdiv(v, q @ context, q_norm, value=c)   # 2 y
+    if extra is not None:
+        y.add_(extra, alpha=2.0 * extra_alpha)
+    if normalize_output:
+        y_norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        prenorm = y_norm.square().sum().sqrt() / 2.0
+        out = y.div_(y_norm.clamp_min_(2.0 * eps))
+    else:
+        y_norm = None
+        out = y.mul_(0.5)
+        prenorm = out.norm()
+    saved = CoreSaved(q, k_hat, v, context, q_norm, k_norm, out, y_norm, conv_weight, eps)
+    if conv_weight is not None:
+        out = _conv_taps(out, v, conv_weight)             # a new tensor: the saved one stays
+    return out, prenorm, saved
+
+
+def core_backward(saved: CoreSaved, grad: torch.Tensor, needs: tuple[bool, bool, bool, bool]) -> tuple:
+    """(grad_q, grad_k, grad_v, grad_y, grad_w) with grad_y = d loss / d(2 y), so d extra = 2 grad_y.
+
+    ``needs``: whether q, k, v, the conv weight need gradients (grad_y is always returned). With
+    2 y = v + c (q G) / |q| (+ 2 extra), c = 2/pi, G = k^^T v, o = 2y / |2y|::
+
+        grad_y = (g - o (o . g)) / |2y|
+        dG = c q^^T grad_y           dv = grad_y + k^ dG (+ the DWConv's transposed taps)
+        P = grad_y G^T               dq = (c / |q|) (P - q^ (q^ . P))
+        P_k = v dG^T                 dk = (P_k - k^ (k^ . P_k)) / |k|
+
+    where a norm floored at eps drops its projection term, as ``F.normalize``'s gradient does.
+    """
+    q, k_hat, v, context, q_norm, k_norm, out, y_norm, weight, eps = saved
+    c = 2.0 / math.pi
+    if y_norm is not None:
+        along = torch.linalg.vecdot(out, grad).unsqueeze(-1).masked_fill_(y_norm <= 2.0 * eps, 0.0)
+        grad_y = torch.addcmul(grad, out, along, value=-1.0).div_(y_norm)
+    else:
+        grad_y = grad * 0.5
+    q_hat = q / q_norm
+    grad_context = (q_hat.transpose(-2, -1) @ grad_y).mul_(c)
+    grad_q = grad_k = grad_v = grad_w = None
+    if needs[0]:
+        p = grad_y @ context.transpose(-2, -1)
+        along = torch.linalg.vecdot(q_hat, p).unsqueeze(-1).masked_fill_(q_norm <= eps, 0.0)
+        grad_q = torch.addcmul(p, q_hat, along, value=-1.0).mul_(c / q_norm)
+    if needs[1]:
+        p = v @ grad_context.transpose(-2, -1)
+        along = torch.linalg.vecdot(k_hat, p).unsqueeze(-1).masked_fill_(k_norm <= eps, 0.0)
+        grad_k = torch.addcmul(p, k_hat, along, value=-1.0).div_(k_norm)
+    if needs[2]:
+        grad_v = torch.matmul(k_hat, grad_context).add_(grad_y)
+        if weight is not None:   # the transposed filter: the same taps, mirrored
+            _conv_taps_(grad_v, grad, weight.flip(-2))
+    if needs[3]:
+        grad_w = _conv_weight_grad(grad, v, weight)
+    return grad_q, grad_k, grad_v, grad_y, grad_w
+
+
+class _LinearAngularTraining(torch.autograd.Function):
+    """The training form of the official core, with a hand-written backward (:func:`core_backward`).
+
+    Autograd through the fast forward records some forty elementwise nodes whose backward makes
+    about five times the forward's passes over memory; this keeps k^, the (d, d) context, the two
+    norms and the normalised output, and writes each input's gradient in a few passes.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, extra, conv_weight, eps: float, normalize_output: bool):
+        out, prenorm, saved = core_forward(q, k, v, extra, conv_weight, eps, normalize_output)
+        ctx.mark_non_differentiable(prenorm)
+        ctx.eps = eps
+        ctx.save_for_backward(*saved[:-1])
+        return out, prenorm
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_prenorm):
+        saved = CoreSaved(*ctx.saved_tensors, ctx.eps)
+        needs = ctx.needs_input_grad
+        grad_q, grad_k, grad_v, grad_y, grad_w = core_backward(saved, grad, (*needs[:3], needs[4]))
+        grad_extra = grad_y.mul_(2.0) if needs[3] else None
+        return grad_q, grad_k, grad_v, grad_extra, grad_w, None, None
 
 
 def add_dwconv_tokens_(out: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -223,6 +346,11 @@ def linear_angular_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ep
     # Under a dispatch mode (torch's FlopCounterMode, ptflops' aten backend) the DWConv runs as
     # F.conv2d, so that MAC counters see its multiply-adds (the K shifted adds are elementwise).
     counted = _dispatch_modes() > 0
+    if not inplace and not counted and constant == "official":
+        out, prenorm = _LinearAngularTraining.apply(q, k, v, extra, conv_weight, float(eps), bool(normalize_output))
+        if residual is not None:
+            out = out + residual
+        return (out, prenorm) if return_prenorm else out
     out, prenorm = _fast(q, k, v, eps, constant, normalize_output, extra, conv_weight, residual,
                          return_prenorm, inplace, counted)
     return (out, prenorm) if return_prenorm else out

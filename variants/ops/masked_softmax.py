@@ -20,7 +20,7 @@ The implementation follows :func:`attnbench_variants.ops.set_impl` (``reference`
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,43 +75,149 @@ def _csr(crow, col, values, size):
         return torch.sparse_csr_tensor(crow, col, values, (size, size))
 
 
-class _MaskedSoftmaxAV(torch.autograd.Function):
-    """S v (and row sums of S) with S = gate * 1[A > t] * A, A = softmax(q k^T / sqrt(d)).
+class BranchSaved(NamedTuple):
+    """What the branch's backward needs (see :func:`branch_forward`)."""
 
-    Dense form: keeps A and S, (N, N) each. Sparse form, when few entries pass the threshold:
-    keeps A and S's kept entries as one block-diagonal (B h N, B h N) CSR matrix, and its
-    backward needs two dense (N, N) products instead of four, because
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    probs: torch.Tensor                   # A, (B, h, N, N)
+    kept: tuple                           # dense: (S,); sparse: (crow, cols, values, rows) of S
+    threshold: float
+    scale: float
+
+    @property
+    def sparse(self) -> bool:
+        return len(self.kept) > 1
+
+
+def branch_forward(q, k, v, threshold: float, need_row_sums: bool):
+    """Forward of S v (gate 1): returns (S v, row sums of S or None, kept fraction, BranchSaved).
+
+    q, k, v are (B, h, N, d) and contiguous. Dense form: A and S, (N, N) each. Sparse form, when
+    few entries pass the threshold: S's kept entries as one block-diagonal (B h N, B h N) CSR
+    matrix.
+    """
+    B, h, n, d = q.shape
+    scale = d ** -0.5
+    scores = torch.baddbmm(q.new_empty(B * h, n, n), q.view(-1, n, d), k.view(-1, n, d).transpose(1, 2),
+                           beta=0.0, alpha=scale)      # 1/sqrt(d) folded into the matmul
+    probs = _softmax_(scores).view(B, h, n, n)
+    s = F.threshold(probs, threshold, 0.0)            # A where A > threshold, else 0
+    kept = _count_positive(s)                         # kept entries are > threshold > 0
+    density = kept / s.numel()
+    sparse = (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+              and n >= SPARSE_MIN_TOKENS and kept.item() <= SPARSE_MAX_DENSITY * s.numel())
+    if sparse:
+        flat = torch.nonzero(s.view(_SAME_SIZE_INT[s.element_size()]).view(-1)).squeeze(1)
+        rows = flat // n                              # global row in (B h N), sorted
+        cols = flat % n + (rows // n) * n             # block-diagonal: same (b, head) block
+        values = s.view(-1)[flat]
+        del s, flat
+        crow = torch.zeros(B * h * n + 1, dtype=torch.int64, device=q.device)
+        torch.cumsum(torch.bincount(rows, minlength=B * h * n), 0, out=crow[1:])
+        sv = torch.sparse.mm(_csr(crow, cols, values, B * h * n), v.reshape(-1, d)).view(B, h, n, d)
+        row_sums = torch.segment_reduce(values, "sum", offsets=crow).view(B, h, n) if need_row_sums else None
+        saved = BranchSaved(q, k, v, probs, (crow, cols, values, rows), threshold, scale)
+    else:
+        sv = s @ v
+        row_sums = s.sum(dim=-1) if need_row_sums else None
+        saved = BranchSaved(q, k, v, probs, (s,), threshold, scale)
+    return sv, row_sums, density, saved
+
+
+def branch_backward(saved: BranchSaved, grad_sv: torch.Tensor, grad_rows: Optional[torch.Tensor],
+                    alpha: float, needs: tuple[bool, bool, bool], into: Optional[tuple] = None,
+                    rows_alpha: Optional[float] = None) -> tuple:
+    """Gradients of q, k, v for the outputs ``alpha * S v`` and ``rows_alpha * row sums of S``.
+
+    ``rows_alpha`` defaults to ``alpha``.
+
+    ``into``: optional (grad_q, grad_k, grad_v) buffers, contiguous, that the gradients are
+    added to in place (by the matmuls themselves in the dense form); else new tensors.
+    Dense form: dS = alpha g v^T, the mask's and the softmax's backward in place into dS's
+    buffer, dq = dS k / sqrt(d), dk = dS^T q / sqrt(d), dv = alpha S^T g. Sparse form: see
+    :func:`_branch_backward_sparse`.
+    """
+    into = into or (None, None, None)
+    if grad_rows is not None and rows_alpha is not None and rows_alpha != alpha:
+        grad_rows = grad_rows * (rows_alpha / alpha)      # (B, h, N): cheap
+    if saved.sparse:
+        grads = _branch_backward_sparse(saved, grad_sv, grad_rows, alpha, needs)
+        return tuple(g if acc is None or g is None else acc.add_(g) for g, acc in zip(grads, into))
+    q, k, v, probs = saved.q, saved.k, saved.v, saved.probs
+    (s,) = saved.kept
+    B, h, n, d = q.shape
+    g3 = grad_sv.reshape(-1, n, d)
+    probs3, v3 = probs.view(-1, n, n), v.view(-1, n, d)
+    grad_v = _baddbmm_into(into[2], s.view(-1, n, n).transpose(1, 2), g3, alpha) if needs[2] else None
+    grad_q = grad_k = None
+    if needs[0] or needs[1]:
+        grad = torch.baddbmm(probs3.new_empty(probs3.shape), g3, v3.transpose(1, 2), beta=0.0, alpha=alpha)
+        if grad_rows is not None:                     # dS, the backward's one (N, N) buffer
+            grad.add_(grad_rows.reshape(-1, n, 1), alpha=alpha)
+        # dA = dS on kept entries, 0 elsewhere; then the softmax backward; both in place
+        torch.ops.aten.threshold_backward.grad_input(grad, probs3, saved.threshold, grad_input=grad)
+        if grad.device.type == "cpu":
+            torch.ops.aten._softmax_backward_data.out(grad, probs3, -1, probs.dtype, grad_input=grad)
+        else:
+            grad = torch.ops.aten._softmax_backward_data(grad, probs3, -1, probs.dtype)
+        if needs[0]:
+            grad_q = _baddbmm_into(into[0], grad, k.view(-1, n, d), saved.scale)
+        if needs[1]:
+            grad_k = _baddbmm_into(into[1], grad.transpose(1, 2), q.view(-1, n, d), saved.scale)
+    return tuple(None if g is None else g.view(B, h, n, d) for g in (grad_q, grad_k, grad_v))
+
+
+def _baddbmm_into(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """acc += alpha a b in place (acc viewed as a's batch), or alpha a b in a new tensor."""
+    if acc is None:
+        return torch.baddbmm(a.new_empty(a.shape[0], a.shape[1], b.shape[2]), a, b, beta=0.0, alpha=alpha)
+    out = acc.view(a.shape[0], a.shape[1], b.shape[2])
+    return torch.baddbmm(out, a, b, alpha=alpha, out=out)
+
+
+def _branch_backward_sparse(saved: BranchSaved, grad_sv, grad_rows, alpha: float, needs) -> tuple:
+    """The sparse form's backward: two dense (N, N) products instead of four, because
     dscores = A * dA - c A with dA zero off the mask and c = rowsum(A * dA), so
     dq = scale (T k - c (A k)), dk = scale (T^T q - A^T (c q)) with T = S * dS sparse.
     """
+    q, k, v, probs = saved.q, saved.k, saved.v, saved.probs
+    crow, cols, values, rows = saved.kept
+    B, h, n, d = q.shape
+    size = B * h * n
+    g = (grad_sv * alpha if alpha != 1.0 else grad_sv).reshape(size, d)
+    s = _csr(crow, cols, values, size)
+    grad_v = torch.sparse.mm(s.t(), g).view(B, h, n, d) if needs[2] else None
+    grad_q = grad_k = None
+    if needs[0] or needs[1]:
+        # dA on the kept entries only: alpha (g_sv . v_j + g_rows)
+        d_kept = torch.sparse.sampled_addmm(s, g, v.reshape(size, d).t(), beta=0.0).values()
+        if grad_rows is not None:
+            d_kept = d_kept.add_(grad_rows.reshape(-1)[rows], alpha=alpha)
+        t_values = d_kept.mul_(values)                # T = A * dA on the kept entries
+        c = torch.segment_reduce(t_values, "sum", offsets=crow).view(B, h, n, 1)
+        t = _csr(crow, cols, t_values, size)
+        if needs[0]:
+            grad_q = torch.sparse.mm(t, k.reshape(size, d)).view(B, h, n, d)
+            grad_q = grad_q.sub_(c * (probs @ k)).mul_(saved.scale)
+        if needs[1]:
+            grad_k = torch.sparse.mm(t.t(), q.reshape(size, d)).view(B, h, n, d)
+            grad_k = grad_k.sub_(probs.transpose(-2, -1) @ (c * q)).mul_(saved.scale)
+    return grad_q, grad_k, grad_v
+
+
+class _MaskedSoftmaxAV(torch.autograd.Function):
+    """S v (and row sums of S) with S = gate * 1[A > t] * A, A = softmax(q k^T / sqrt(d))."""
 
     @staticmethod
     def forward(ctx, q, k, v, threshold: float, gate: float, need_row_sums: bool):
-        B, h, n, d = q.shape
-        scale = d ** -0.5
-        probs = _softmax_(torch.matmul(q * scale, k.transpose(-2, -1)))
-        s = F.threshold(probs, threshold, 0.0)            # A where A > threshold, else 0
-        kept = _count_positive(s)                         # kept entries are > threshold > 0
-        density = kept / s.numel()
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        sv, row_sums, density, saved = branch_forward(q, k, v, threshold, need_row_sums)
         ctx.mark_non_differentiable(density)
-        ctx.threshold, ctx.gate, ctx.scale = threshold, gate, scale
-        ctx.sparse = (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-                      and n >= SPARSE_MIN_TOKENS and kept.item() <= SPARSE_MAX_DENSITY * s.numel())
-        if ctx.sparse:
-            flat = torch.nonzero(s.view(_SAME_SIZE_INT[s.element_size()]).view(-1)).squeeze(1)
-            rows = flat // n                              # global row in (B h N), sorted
-            cols = flat % n + (rows // n) * n             # block-diagonal: same (b, head) block
-            values = s.view(-1)[flat]
-            del s, flat
-            crow = torch.zeros(B * h * n + 1, dtype=torch.int64, device=q.device)
-            torch.cumsum(torch.bincount(rows, minlength=B * h * n), 0, out=crow[1:])
-            sv = torch.sparse.mm(_csr(crow, cols, values, B * h * n), v.reshape(-1, d)).view(B, h, n, d)
-            row_sums = torch.segment_reduce(values, "sum", offsets=crow).view(B, h, n) if need_row_sums else None
-            ctx.save_for_backward(q, k, v, probs, crow, cols, values, rows)
-        else:
-            sv = s @ v
-            row_sums = s.sum(dim=-1) if need_row_sums else None
-            ctx.save_for_backward(q, k, v, probs, s)
+        ctx.gate, ctx.sparse, ctx.branch = gate, saved.sparse, saved._replace(q=None, k=None, v=None, probs=None,
+                                                                               kept=())
+        ctx.save_for_backward(q, k, v, saved.probs, *saved.kept)
         if gate != 1.0:
             sv.mul_(gate)
             if row_sums is not None:
@@ -121,57 +227,12 @@ class _MaskedSoftmaxAV(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sv, grad_rows, _grad_density):
-        if ctx.sparse:
-            return _MaskedSoftmaxAV._backward_sparse(ctx, grad_sv, grad_rows)
-        q, k, v, probs, s = ctx.saved_tensors
-        gate = ctx.gate
+        q, k, v, probs, *kept = ctx.saved_tensors
         if grad_sv is None:
             grad_sv = torch.zeros_like(v)
-        g = grad_sv * gate if gate != 1.0 else grad_sv
-        grad_v = s.transpose(-2, -1) @ g if ctx.needs_input_grad[2] else None
-        grad_q = grad_k = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad = g @ v.transpose(-2, -1)                # dS (N, N), the backward's one buffer
-            if grad_rows is not None:
-                grad.add_(grad_rows.unsqueeze(-1), alpha=gate)
-            # dA = dS on kept entries, 0 elsewhere; then the softmax backward; both in place
-            torch.ops.aten.threshold_backward.grad_input(grad, probs, ctx.threshold, grad_input=grad)
-            if grad.device.type == "cpu":
-                torch.ops.aten._softmax_backward_data.out(grad, probs, -1, probs.dtype, grad_input=grad)
-            else:
-                grad = torch.ops.aten._softmax_backward_data(grad, probs, -1, probs.dtype)
-            if ctx.needs_input_grad[0]:
-                grad_q = (grad @ k).mul_(ctx.scale)
-            if ctx.needs_input_grad[1]:
-                grad_k = (grad.transpose(-2, -1) @ q).mul_(ctx.scale)
-        return grad_q, grad_k, grad_v, None, None, None
-
-    @staticmethod
-    def _backward_sparse(ctx, grad_sv, grad_rows):
-        q, k, v, probs, crow, cols, values, rows = ctx.saved_tensors
-        B, h, n, d = q.shape
-        size, gate = B * h * n, ctx.gate
-        if grad_sv is None:
-            grad_sv = torch.zeros_like(v)
-        g = (grad_sv * gate if gate != 1.0 else grad_sv).reshape(size, d)
-        s = _csr(crow, cols, values, size)
-        grad_v = torch.sparse.mm(s.t(), g).view(B, h, n, d) if ctx.needs_input_grad[2] else None
-        grad_q = grad_k = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            # dA on the kept entries only: gate (g_sv . v_j + g_rows)
-            d_kept = torch.sparse.sampled_addmm(s, g, v.reshape(size, d).t(), beta=0.0).values()
-            if grad_rows is not None:
-                d_kept = d_kept.add_(grad_rows.reshape(-1)[rows], alpha=gate)
-            t_values = d_kept.mul_(values)                # T = A * dA on the kept entries
-            c = torch.segment_reduce(t_values, "sum", offsets=crow).view(B, h, n, 1)
-            t = _csr(crow, cols, t_values, size)
-            if ctx.needs_input_grad[0]:
-                grad_q = torch.sparse.mm(t, k.reshape(size, d)).view(B, h, n, d)
-                grad_q = grad_q.sub_(c * (probs @ k)).mul_(ctx.scale)
-            if ctx.needs_input_grad[1]:
-                grad_k = torch.sparse.mm(t.t(), q.reshape(size, d)).view(B, h, n, d)
-                grad_k = grad_k.sub_(probs.transpose(-2, -1) @ (c * q)).mul_(ctx.scale)
-        return grad_q, grad_k, grad_v, None, None, None
+        saved = ctx.branch._replace(q=q, k=k, v=v, probs=probs, kept=tuple(kept))
+        grads = branch_backward(saved, grad_sv, grad_rows, ctx.gate, tuple(ctx.needs_input_grad[:3]))
+        return (*grads, None, None, None)
 
 
 def masked_softmax_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, threshold: float,
