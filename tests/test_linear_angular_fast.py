@@ -15,6 +15,7 @@ import torch
 
 from attnbench.registry import build_attention
 from attnbench_variants.ops import IMPLS, get_impl, set_impl, use_impl
+from attnbench_variants.ops import castling as cs
 from attnbench_variants.ops import linear_angular as la
 from attnbench_variants.ops import masked_softmax as ms
 
@@ -241,6 +242,80 @@ def test_castling_branch_takes_the_sparse_form_when_few_entries_pass():
     torch.testing.assert_close(out_fast, out_ref, **TOL)
     for name, a, b in zip("qkv", grads_fast, grads_ref):
         assert_grad_close(a, b, name)
+
+
+# ------------------------------------------------------- Castling's fused training op
+
+FUSED_CASES = [
+    dict(gate=1.0, need_row_sums=False, normalize_output=True, conv=True),
+    dict(gate=0.6, need_row_sums=True, normalize_output=True, conv=True),
+    dict(gate=0.3, need_row_sums=True, normalize_output=False, conv=False),
+]
+
+
+@pytest.mark.parametrize("form", ["dense", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=str)
+def test_fused_castling_matches_the_composed_reference(form, dtype, case, monkeypatch):
+    """One Function (branch + core, gradients added into each other) against the plain ops step by step."""
+    monkeypatch.setattr(ms, "SPARSE_MIN_TOKENS", 1 if form == "sparse" else 10 ** 9)
+    monkeypatch.setattr(ms, "SPARSE_MAX_DENSITY", 1.0)
+    case = dict(case)
+    conv = case.pop("conv")
+    # q, k, v as a layer makes them: non-contiguous views of one qkv tensor
+    qkv = torch.randn(2, 40, 3, 3, 16, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    qkv[:, :, 0] *= 2                       # peakier softmax: some entries pass the threshold
+    qkv[:, 5, 0, 1] = 0                     # a zero query and a zero key: the eps floors
+    qkv[:, 7, 1, 2] = 0
+    weight = 0.3 * torch.randn(3, 1, 9, 1, generator=torch.Generator().manual_seed(4), dtype=dtype)
+
+    def run(impl):
+        def f(qkv, weight):
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            with use_impl(impl):
+                result = cs.castling_attention(q, k, v, threshold=0.03, conv_weight=weight if conv else None,
+                                               **case)
+            assert (type(result.out.grad_fn).__name__ == "_CastlingTrainingBackward") == (impl == "fast")
+            run.stats[impl] = (float(result.prenorm), float(result.branch_norm), float(result.density))
+            rows = result.row_sums if result.row_sums is not None else torch.zeros(result.out.shape[:-1], dtype=dtype)
+            return torch.cat([result.out, rows.unsqueeze(-1)], dim=-1)
+        return f
+
+    run.stats = {}
+    out_fast, grads_fast = _grads_of(run("fast"), [qkv, weight])
+    out_ref, grads_ref = _grads_of(run("reference"), [qkv, weight])
+    torch.testing.assert_close(out_fast, out_ref, **TOL)
+    # at the zero key the gradient is scaled by 1/eps = 1e6: relative tolerance there, as in test_zero_tokens_give_no_nan
+    torch.testing.assert_close(grads_fast[0], grads_ref[0], rtol=1e-4, atol=1e-5)
+    if conv:
+        assert_grad_close(grads_fast[1], grads_ref[1], "conv_weight")
+    for fast, ref in zip(run.stats["fast"], run.stats["reference"]):
+        assert math.isclose(fast, ref, rel_tol=1e-5, abs_tol=1e-6)
+    assert 0 < run.stats["fast"][2] < 1
+
+
+def test_fused_castling_is_composed_where_it_cannot_fuse():
+    q, k, v = _qkv((1, 3, 20, 8), requires_grad=True)
+    weight = torch.randn(3, 1, 9, 1)
+    fused = cs.castling_attention(q, k, v, threshold=0.02, conv_weight=weight)
+    assert type(fused.out.grad_fn).__name__ == "_CastlingTrainingBackward"
+    for kwargs in ({"constant": "faithful"}, {"dropout": torch.nn.Dropout(0.0)}):
+        out = cs.castling_attention(q, k, v, threshold=0.02, conv_weight=weight, **kwargs).out
+        assert type(out.grad_fn).__name__ != "_CastlingTrainingBackward", kwargs
+    with torch.no_grad():                    # no autograd: the in-place inference ops
+        torch.testing.assert_close(cs.castling_attention(q, k, v, threshold=0.02, conv_weight=weight).out,
+                                   fused.out.detach(), **TOL)
+
+
+def test_fused_castling_backward_twice_gives_the_same_gradients():
+    """The backward writes into buffers of its own, never into what it saved: retain_graph works."""
+    q, k, v = _qkv((1, 3, 20, 8), requires_grad=True)
+    out = cs.castling_attention(q, k, v, threshold=0.02).out
+    out.sum().backward(retain_graph=True)
+    first = q.grad.clone()
+    q.grad = None
+    out.sum().backward()
+    torch.testing.assert_close(q.grad, first)
 
 
 def test_castling_dropout_uses_the_reference_branch():

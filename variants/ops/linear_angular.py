@@ -20,8 +20,10 @@ Three implementations of the same numbers, chosen by :func:`attnbench_variants.o
   (with the floor 2 eps, exactly x / max(|x|, eps)); the norms are single reductions; the DWConv is K
   shifted multiply-adds straight into the output (``F.conv2d`` with a (K, 1) depthwise kernel
   is one of PyTorch's slowest CPU paths). Without autograd (inference) every step after k^
-  writes into that one (B, h, N, d) buffer, which becomes the output; with autograd it takes
-  out-of-place steps only where a backward needs the value.
+  writes into that one (B, h, N, d) buffer, which becomes the output. In training, the
+  official constant runs one autograd Function with a hand-written backward
+  (:func:`core_forward`, :func:`core_backward`; Castling's fused op uses them too); the
+  faithful constant takes autograd through out-of-place steps where a backward needs the value.
 - ``compile``: the fast path through ``torch.compile`` (Inductor fuses the elementwise work);
   if compiling fails (no C compiler, unsupported backend) it warns once and runs ``fast``.
 
@@ -39,7 +41,8 @@ import torch.nn.functional as F
 from attnbench_variants.ops import IMPLS, get_impl, set_impl, use_impl
 
 __all__ = ["IMPLS", "get_impl", "set_impl", "use_impl", "linear_angular", "linear_angular_naive",
-           "linear_angular_fast", "dwconv_tokens", "add_dwconv_tokens_"]
+           "linear_angular_fast", "dwconv_tokens", "add_dwconv_tokens_", "CoreSaved", "core_forward",
+           "core_backward"]
 
 Constant = Literal["official", "faithful"]
 

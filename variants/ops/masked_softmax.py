@@ -6,14 +6,17 @@
 
 - reference (:func:`masked_softmax_attention_naive`): autograd through softmax, a float mask and
   two products, as the official block writes it; also the only path with attention dropout.
-- fast (:func:`masked_softmax_attention_fast`): one autograd Function. Forward: the scores
-  matmul with 1/sqrt(d) folded into q, softmax in place, ``threshold`` (x if x > t else 0: the
-  mask and the product in one op, no float mask), gate on the (N, d) result, not on the (N, N)
-  matrix. Dense form: it keeps A and S for the backward, which writes the mask's and the
-  softmax's backward in place into dS's buffer: two (N, N) buffers per forward and one per
-  backward, against about six with autograd; six (N, N, d) matmuls in all. Sparse form (CPU,
-  from 256 tokens, when at most 2.5 % of the entries pass the threshold, as is usual there):
-  S as a CSR matrix, and three dense (N, N, d) matmuls in all (see :class:`_MaskedSoftmaxAV`).
+- fast (:func:`masked_softmax_attention_fast`): one autograd Function over
+  :func:`branch_forward` and :func:`branch_backward` (which Castling's fused training op,
+  ``ops/castling.py``, also uses). Forward: the scores matmul with 1/sqrt(d) folded in, softmax
+  in place, ``threshold`` (x if x > t else 0: the mask and the product in one op, no float
+  mask), gate on the (N, d) result, not on the (N, N) matrix. Dense form: it keeps only A for
+  the backward, which rebuilds S from A in the one (N, N) buffer it needs anyway and then
+  writes dS, the mask's and the softmax's backward into it in place: one (N, N) buffer kept
+  per layer and one per backward, against about six with autograd; six (N, N, d) matmuls in
+  all. Sparse form (CPU, from 256 tokens, when at most 2.5 % of the entries pass the
+  threshold, as is usual there): S as a CSR matrix, and three dense (N, N, d) matmuls in all
+  (see :func:`_branch_backward_sparse`).
 
 The implementation follows :func:`attnbench_variants.ops.set_impl` (``reference`` or not).
 """
@@ -27,7 +30,8 @@ import torch.nn.functional as F
 
 from attnbench_variants.ops import get_impl
 
-__all__ = ["masked_softmax_attention", "masked_softmax_attention_naive", "masked_softmax_attention_fast"]
+__all__ = ["masked_softmax_attention", "masked_softmax_attention_naive", "masked_softmax_attention_fast",
+           "BranchSaved", "branch_forward", "branch_backward"]
 
 
 def masked_softmax_attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, threshold: float,
@@ -82,13 +86,13 @@ class BranchSaved(NamedTuple):
     k: torch.Tensor
     v: torch.Tensor
     probs: torch.Tensor                   # A, (B, h, N, N)
-    kept: tuple                           # dense: (S,); sparse: (crow, cols, values, rows) of S
+    kept: tuple                           # dense: (); sparse: (crow, cols, values, rows) of S
     threshold: float
     scale: float
 
     @property
     def sparse(self) -> bool:
-        return len(self.kept) > 1
+        return bool(self.kept)
 
 
 def branch_forward(q, k, v, threshold: float, need_row_sums: bool):
@@ -119,10 +123,10 @@ def branch_forward(q, k, v, threshold: float, need_row_sums: bool):
         sv = torch.sparse.mm(_csr(crow, cols, values, B * h * n), v.reshape(-1, d)).view(B, h, n, d)
         row_sums = torch.segment_reduce(values, "sum", offsets=crow).view(B, h, n) if need_row_sums else None
         saved = BranchSaved(q, k, v, probs, (crow, cols, values, rows), threshold, scale)
-    else:
+    else:   # S is not kept: the backward rebuilds it from A (one pass) in the buffer it needs anyway
         sv = s @ v
         row_sums = s.sum(dim=-1) if need_row_sums else None
-        saved = BranchSaved(q, k, v, probs, (s,), threshold, scale)
+        saved = BranchSaved(q, k, v, probs, (), threshold, scale)
     return sv, row_sums, density, saved
 
 
@@ -146,15 +150,15 @@ def branch_backward(saved: BranchSaved, grad_sv: torch.Tensor, grad_rows: Option
         grads = _branch_backward_sparse(saved, grad_sv, grad_rows, alpha, needs)
         return tuple(g if acc is None or g is None else acc.add_(g) for g, acc in zip(grads, into))
     q, k, v, probs = saved.q, saved.k, saved.v, saved.probs
-    (s,) = saved.kept
     B, h, n, d = q.shape
     g3 = grad_sv.reshape(-1, n, d)
     probs3, v3 = probs.view(-1, n, n), v.view(-1, n, d)
-    grad_v = _baddbmm_into(into[2], s.view(-1, n, n).transpose(1, 2), g3, alpha) if needs[2] else None
+    grad = F.threshold(probs3, saved.threshold, 0.0) if needs[2] else torch.empty_like(probs3)   # S
+    grad_v = _baddbmm_into(into[2], grad.transpose(1, 2), g3, alpha) if needs[2] else None
     grad_q = grad_k = None
-    if needs[0] or needs[1]:
-        grad = torch.baddbmm(probs3.new_empty(probs3.shape), g3, v3.transpose(1, 2), beta=0.0, alpha=alpha)
-        if grad_rows is not None:                     # dS, the backward's one (N, N) buffer
+    if needs[0] or needs[1]:   # dS into S's buffer, the backward's one (N, N) buffer
+        torch.baddbmm(grad, g3, v3.transpose(1, 2), beta=0.0, alpha=alpha, out=grad)
+        if grad_rows is not None:
             grad.add_(grad_rows.reshape(-1, n, 1), alpha=alpha)
         # dA = dS on kept entries, 0 elsewhere; then the softmax backward; both in place
         torch.ops.aten.threshold_backward.grad_input(grad, probs3, saved.threshold, grad_input=grad)
