@@ -98,9 +98,9 @@ class BranchSaved(NamedTuple):
 def branch_forward(q, k, v, threshold: float, need_row_sums: bool):
     """Forward of S v (gate 1): returns (S v, row sums of S or None, kept fraction, BranchSaved).
 
-    q, k, v are (B, h, N, d) and contiguous. Dense form: A and S, (N, N) each. Sparse form, when
-    few entries pass the threshold: S's kept entries as one block-diagonal (B h N, B h N) CSR
-    matrix.
+    q, k, v are (B, h, N, d) and contiguous. Dense form: keeps A, (N, N); the backward rebuilds
+    S from it. Sparse form, when few entries pass the threshold: also S's kept entries as one
+    block-diagonal (B h N, B h N) CSR matrix.
     """
     B, h, n, d = q.shape
     scale = d ** -0.5
@@ -135,19 +135,16 @@ def branch_backward(saved: BranchSaved, grad_sv: torch.Tensor, grad_rows: Option
                     rows_alpha: Optional[float] = None) -> tuple:
     """Gradients of q, k, v for the outputs ``alpha * S v`` and ``rows_alpha * row sums of S``.
 
-    ``rows_alpha`` defaults to ``alpha``.
-
-    ``into``: optional (grad_q, grad_k, grad_v) buffers, contiguous, that the gradients are
+    ``rows_alpha`` defaults to ``alpha``. ``into``: optional (grad_q, grad_k, grad_v) buffers, contiguous, that the gradients are
     added to in place (by the matmuls themselves in the dense form); else new tensors.
     Dense form: dS = alpha g v^T, the mask's and the softmax's backward in place into dS's
     buffer, dq = dS k / sqrt(d), dk = dS^T q / sqrt(d), dv = alpha S^T g. Sparse form: see
     :func:`_branch_backward_sparse`.
     """
     into = into or (None, None, None)
-    if grad_rows is not None and rows_alpha is not None and rows_alpha != alpha:
-        grad_rows = grad_rows * (rows_alpha / alpha)      # (B, h, N): cheap
+    rows_alpha = alpha if rows_alpha is None else rows_alpha
     if saved.sparse:
-        grads = _branch_backward_sparse(saved, grad_sv, grad_rows, alpha, needs)
+        grads = _branch_backward_sparse(saved, grad_sv, grad_rows, alpha, rows_alpha, needs)
         return tuple(g if acc is None or g is None else acc.add_(g) for g, acc in zip(grads, into))
     q, k, v, probs = saved.q, saved.k, saved.v, saved.probs
     B, h, n, d = q.shape
@@ -159,7 +156,7 @@ def branch_backward(saved: BranchSaved, grad_sv: torch.Tensor, grad_rows: Option
     if needs[0] or needs[1]:   # dS into S's buffer, the backward's one (N, N) buffer
         torch.baddbmm(grad, g3, v3.transpose(1, 2), beta=0.0, alpha=alpha, out=grad)
         if grad_rows is not None:
-            grad.add_(grad_rows.reshape(-1, n, 1), alpha=alpha)
+            grad.add_(grad_rows.reshape(-1, n, 1), alpha=rows_alpha)
         # dA = dS on kept entries, 0 elsewhere; then the softmax backward; both in place
         torch.ops.aten.threshold_backward.grad_input(grad, probs3, saved.threshold, grad_input=grad)
         if grad.device.type == "cpu":
@@ -181,7 +178,8 @@ def _baddbmm_into(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor,
     return torch.baddbmm(out, a, b, alpha=alpha, out=out)
 
 
-def _branch_backward_sparse(saved: BranchSaved, grad_sv, grad_rows, alpha: float, needs) -> tuple:
+def _branch_backward_sparse(saved: BranchSaved, grad_sv, grad_rows, alpha: float, rows_alpha: float,
+                            needs) -> tuple:
     """The sparse form's backward: two dense (N, N) products instead of four, because
     dscores = A * dA - c A with dA zero off the mask and c = rowsum(A * dA), so
     dq = scale (T k - c (A k)), dk = scale (T^T q - A^T (c q)) with T = S * dS sparse.
@@ -195,10 +193,10 @@ def _branch_backward_sparse(saved: BranchSaved, grad_sv, grad_rows, alpha: float
     grad_v = torch.sparse.mm(s.t(), g).view(B, h, n, d) if needs[2] else None
     grad_q = grad_k = None
     if needs[0] or needs[1]:
-        # dA on the kept entries only: alpha (g_sv . v_j + g_rows)
+        # dA on the kept entries only: alpha g_sv . v_j + rows_alpha g_rows
         d_kept = torch.sparse.sampled_addmm(s, g, v.reshape(size, d).t(), beta=0.0).values()
         if grad_rows is not None:
-            d_kept = d_kept.add_(grad_rows.reshape(-1)[rows], alpha=alpha)
+            d_kept = d_kept.add_(grad_rows.reshape(-1)[rows], alpha=rows_alpha)
         t_values = d_kept.mul_(values)                # T = A * dA on the kept entries
         c = torch.segment_reduce(t_values, "sum", offsets=crow).view(B, h, n, 1)
         t = _csr(crow, cols, t_values, size)
