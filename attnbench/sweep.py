@@ -16,8 +16,10 @@ import functools
 import json
 import math
 import os
+import signal
 import socket
 import statistics
+import threading
 import time
 import warnings
 import zlib
@@ -613,11 +615,24 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
                        worker=_worker_name(), environment=env)
     target = experiment.n_trials()
     deadline = time.monotonic() + experiment.timeout_s if experiment.timeout_s else math.inf
-    ran = 0
     # Checking for room and creating the trial happen under one lock shared by all workers, so
     # together they start no more trials than the budget; the lock is let go once the trial exists.
     claim = StorageLock(url, f"attnbench:study:{experiment.name}")
+    with SigintGuard() as sigint:
+        ran = _sweep_loop(study, ctx, claim, sigint, deadline, target, display, wait_for_others)
+    state = study_progress(study)
+    if display:
+        display.update(study, state, target)
+    return SweepSummary(experiment.name, url, ctx.results, state.done, state.failed, target, ran)
+
+
+def _sweep_loop(study: optuna.Study, ctx: TrialContext, claim: "StorageLock", sigint: "SigintGuard",
+                deadline: float, target: Optional[int], display: Optional["SweepDisplay"],
+                wait_for_others: bool) -> int:
+    """Start trials until the budget is met (or time is up); return how many ran here."""
+    ran = 0
     while time.monotonic() < deadline:
+        sigint.check()
         mine = None
         with claim:
             optuna.storages.fail_stale_trials(study)
@@ -632,7 +647,7 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
                 continue
             room = target is None or state.waiting > 0 or state.done + state.running < target
             if room:   # a queued re-run is taken first; otherwise a new trial is created
-                mine = _optimize_one(study, ctx, claim, deadline, display)
+                mine = _optimize_one(study, ctx, claim, sigint, deadline, display)
         if not room:
             if not wait_for_others:
                 break
@@ -642,14 +657,61 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
         if display and mine is not None and mine.state == TrialState.FAIL and ERROR_ATTR in mine.user_attrs:
             display.log(f"trial {trial_key(mine)} ({mine.user_attrs.get('label', '')}) failed: "
                         f"{mine.user_attrs[ERROR_ATTR]}")
-    state = study_progress(study)
-    if display:
-        display.update(study, state, target)
-    return SweepSummary(experiment.name, url, ctx.results, state.done, state.failed, target, ran)
+    sigint.check()
+    return ran
 
 
-def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, deadline: float,
-                  display: Optional["SweepDisplay"]) -> Optional[FrozenTrial]:
+class SigintGuard:
+    """Ctrl-C stops a trial's own work at once, but waits out Optuna's bookkeeping around it.
+
+    Optuna's ``_run_trial`` cannot take a KeyboardInterrupt that arrives after the objective has
+    returned, while it tells the storage (it fails with an UnboundLocalError, and the process
+    exits 1 with a traceback instead of 130). So, while installed (main thread only), SIGINT
+    raises KeyboardInterrupt only inside :meth:`work`; elsewhere it is held, and :meth:`check`
+    raises it at the next safe point. A second SIGINT while one is held raises at once (a
+    storage that hangs must not make Ctrl-C useless).
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._open = False
+        self._previous = None
+
+    def __enter__(self) -> "SigintGuard":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self._open or self.pending:
+            self._open = False          # raised once: the bookkeeping that follows is held again
+            raise KeyboardInterrupt
+        self.pending = True
+
+    @contextlib.contextmanager
+    def work(self):
+        """The region where Ctrl-C interrupts at once (a trial's training and measuring)."""
+        self.check()
+        self._open = True
+        try:
+            yield
+        finally:
+            self._open = False
+
+    def check(self) -> None:
+        """Raise the held Ctrl-C, if any."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, sigint: SigintGuard,
+                  deadline: float, display: Optional["SweepDisplay"]) -> Optional[FrozenTrial]:
     """Run one trial (a queued re-run, else a new one); ``claim`` is released once it exists."""
     started: dict[str, int] = {}
 
@@ -657,7 +719,8 @@ def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, de
         claim.release()
         started["id"] = trial._trial_id
         try:
-            value = run_trial(ctx, trial)
+            with sigint.work():
+                value = run_trial(ctx, trial)
         except (TrialFailed, optuna.TrialPruned):
             started["ended"] = 1
             raise

@@ -115,6 +115,51 @@ def test_interrupted_sweep_resumes_without_losing_or_doubling(tmp_path, monkeypa
     assert sorted(df["variant"].unique()) == ["identity", "linear", "softmax"]
 
 
+def test_ctrl_c_while_optuna_stores_a_finished_trial_waits_until_it_is_stored(tmp_path, monkeypatch):
+    """SIGINT inside Optuna's bookkeeping after the objective returned (which Optuna cannot take:
+    UnboundLocalError in ``_run_trial``) is held until the trial is stored, then interrupts."""
+    from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
+
+    real = RDBStorage.set_trial_state_values
+    sent = []
+
+    def interrupting(self, trial_id, state, values=None):
+        if state == TrialState.COMPLETE and not sent:
+            sent.append(trial_id)
+            os.kill(os.getpid(), signal.SIGINT)    # delivered here, in the middle of the bookkeeping
+        return real(self, trial_id, state, values)
+
+    monkeypatch.setattr(RDBStorage, "set_trial_state_values", interrupting)
+    experiment = load_experiment(experiment_file(tmp_path, variants=("softmax", "identity"), latency="false"))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(experiment, results_dir=tmp_path / "results")
+    assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+    monkeypatch.undo()
+    summary = run_sweep(experiment, results_dir=tmp_path / "results")
+    assert (summary.done, summary.ran_here) == (2, 1), "the first trial was stored complete, not re-run"
+    df = rows(tmp_path / "results", "tiny")
+    assert len(df) == 4 and not df.duplicated(["trial", "seed"]).any()
+
+
+def test_sigint_guard_holds_ctrl_c_outside_work_and_gives_way_to_a_second():
+    from attnbench.sweep import SigintGuard
+
+    with SigintGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)        # bookkeeping: held
+        assert guard.pending
+        with pytest.raises(KeyboardInterrupt):
+            guard.check()
+        with pytest.raises(KeyboardInterrupt), guard.work():
+            os.kill(os.getpid(), signal.SIGINT)    # a trial's work: at once
+            time.sleep(5)
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):     # a second one while one is held: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     path = experiment_file(tmp_path)
     result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run", "--results", str(tmp_path / "r")],
