@@ -135,11 +135,11 @@ def branch_backward(saved: BranchSaved, grad_sv: torch.Tensor, grad_rows: Option
                     rows_alpha: Optional[float] = None) -> tuple:
     """Gradients of q, k, v for the outputs ``alpha * S v`` and ``rows_alpha * row sums of S``.
 
-    ``rows_alpha`` defaults to ``alpha``. ``into``: optional (grad_q, grad_k, grad_v) buffers, contiguous, that the gradients are
-    added to in place (by the matmuls themselves in the dense form); else new tensors.
-    Dense form: dS = alpha g v^T, the mask's and the softmax's backward in place into dS's
-    buffer, dq = dS k / sqrt(d), dk = dS^T q / sqrt(d), dv = alpha S^T g. Sparse form: see
-    :func:`_branch_backward_sparse`.
+    ``rows_alpha`` defaults to ``alpha``. ``into``: optional (grad_q, grad_k, grad_v) buffers,
+    contiguous, that the gradients are added to in place (by the matmuls themselves in the
+    dense form); else new tensors. Dense form: S rebuilt from A, dv = alpha S^T g; then
+    dS = alpha g v^T in S's buffer, the mask's and the softmax's backward in place there,
+    dq = dS k / sqrt(d), dk = dS^T q / sqrt(d). Sparse form: see :func:`_branch_backward_sparse`.
     """
     into = into or (None, None, None)
     rows_alpha = alpha if rows_alpha is None else rows_alpha
