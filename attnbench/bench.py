@@ -11,6 +11,11 @@ after another. Reported: the median over processes of the per-process medians, t
 within-process IQR (median over processes) and the spread across processes ((max - min) /
 median of the process medians).
 
+Implementation (``ops``): the kernels of the built-in variants run as ``compile`` by default
+(the fast paths under ``torch.compile``, falling back to eager ``fast`` with a warning where
+compiling fails), since SDPA, the baseline, is a fused kernel too; ``fast`` or ``reference``
+on request. Each timing and memory process compiles each shape once, in its untimed warm-up.
+
 Rows go to the result store (:mod:`attnbench.store`, ``kind="benchmark"``) with the
 environment; a PNG shows latency and MACs against tokens on log-log axes.
 """
@@ -33,6 +38,7 @@ from torch import nn
 
 from attnbench import measure, registry
 from attnbench.variant import AttentionVariant
+from attnbench_variants.ops import IMPLS, set_impl
 
 __all__ = ["BenchConfig", "BenchError", "BenchResult", "build_module", "crossover", "run_benchmark",
            "parse_tokens", "parse_variants", "render"]
@@ -63,6 +69,8 @@ class BenchConfig:
         device: ``cpu`` or ``cuda``.
         out: result store root; rows and the plot go to ``out/benchmarks/``.
         memory: measure peak memory (a child process on CPU).
+        ops: implementation of the built-in kernels (:mod:`attnbench_variants.ops`):
+            ``compile`` (default), ``fast`` or ``reference``.
     """
 
     variants: tuple[str, ...]
@@ -80,6 +88,7 @@ class BenchConfig:
     device: str = "cpu"
     out: str = "results"
     memory: bool = True
+    ops: str = "compile"
 
     def validate(self) -> "BenchConfig":
         """Check everything that can be checked without building; return self or raise BenchError."""
@@ -107,6 +116,8 @@ class BenchConfig:
             if bad:
                 raise BenchError(f"--level model needs token counts N = s*s + 1 (s*s patches + class token), "
                                  f"e.g. 65, 197, 785, 3137; got {', '.join(map(str, bad))}")
+        if self.ops not in IMPLS:
+            raise BenchError(f"--ops must be one of {', '.join(IMPLS)}, got {self.ops!r}")
         if self.device not in ("cpu", "cuda"):
             raise BenchError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -185,6 +196,12 @@ def _build(config: BenchConfig, variant: str, tokens: int) -> nn.Module:
     return build_module(config.level, variant, config.dim, config.heads, tokens, config.depth, config.patch)
 
 
+def _build_under(ops: str, *args) -> nn.Module:
+    """:func:`build_module` in a process that will run it with the ``ops`` implementation."""
+    set_impl(ops)
+    return build_module(*args)
+
+
 def _key(variant: str, tokens: int) -> str:
     return f"{variant}|{tokens}"
 
@@ -194,6 +211,7 @@ def _key(variant: str, tokens: int) -> str:
 def _time_in_this_process(config: BenchConfig, on_block=None) -> dict[str, dict]:
     """Time every (variant, N) interleaved in this process; key -> Latency as a dict."""
     torch.set_num_threads(config.thread_count)
+    set_impl(config.ops)
     callables = {}
     for tokens in config.tokens:
         for variant in config.variants:
@@ -213,11 +231,20 @@ def _worker_main() -> int:
     def report(done: int, total: int) -> None:
         print(json.dumps({"progress": done, "total": total}), flush=True)
 
-    print(json.dumps({"result": _time_in_this_process(config, report)}), flush=True)
+    result = _time_in_this_process(config, report)
+    print(json.dumps({"result": result, "ops": _ops_that_ran(config.ops)}), flush=True)
     return 0
 
 
-def _run_worker(config: BenchConfig, index: int, on_progress=None) -> dict[str, dict]:
+def _ops_that_ran(ops: str) -> str:
+    """``ops``, or ``fast`` where ``compile`` fell back to it in this process."""
+    from attnbench_variants.ops.linear_angular import compile_fell_back
+
+    return "fast" if ops == "compile" and compile_fell_back() else ops
+
+
+def _run_worker(config: BenchConfig, index: int, on_progress=None) -> tuple[dict[str, dict], str]:
+    """One timing process: (key -> latency dict, the implementation that ran)."""
     command = [sys.executable, "-m", "attnbench.bench", "--worker"]
     with tempfile.TemporaryFile(mode="w+") as errors:
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
@@ -233,14 +260,14 @@ def _run_worker(config: BenchConfig, index: int, on_progress=None) -> dict[str, 
             if "progress" in message and on_progress is not None:
                 on_progress(message["progress"], message["total"])
             elif "result" in message:
-                result = message["result"]
+                result, ops = message["result"], message["ops"]
         code = proc.wait()
         if code != 0 or result is None:
             errors.seek(0)
             lines = [line for line in errors.read().strip().splitlines() if line.strip()]
             last = lines[-1] if lines else f"exit code {code}"
             raise BenchError(f"timing process {index + 1} failed: {last}")
-    return result
+    return result, ops
 
 
 # --------------------------------------------------------------------------------- analysis
@@ -295,7 +322,7 @@ def _aggregate(config: BenchConfig, processes: list[dict[str, dict]], static: di
                 "depth": config.depth if config.level == "model" else None,
                 "patch_size": config.patch if config.level == "model" else None,
                 "batch": config.batch, "processes": len(processes), "samples_per_process": config.samples,
-                "warmup_calls": config.warmup,
+                "warmup_calls": config.warmup, "ops": config.ops,
                 **static[key],
                 "latency_median_ms": median,
                 "latency_iqr_ms": statistics.median(p[key]["iqr_ms"] for p in processes),
@@ -385,7 +412,7 @@ def _run(config: BenchConfig, env: dict[str, Any], progress, write: bool) -> Ben
         step = task("peak memory (child process)" if config.device == "cpu" else "peak memory", 1)
         import functools
 
-        jobs = [(functools.partial(build_module, config.level, v, config.dim, config.heads, n, config.depth,
+        jobs = [(functools.partial(_build_under, config.ops, config.level, v, config.dim, config.heads, n, config.depth,
                                    config.patch), (config.batch, *input_shape(config, n))) for v, n in pairs]
         try:
             memories = measure.peak_memory_many(jobs, device=config.device, threads=threads)
@@ -396,10 +423,14 @@ def _run(config: BenchConfig, env: dict[str, Any], progress, write: bool) -> Ben
                                                  forward_mem_bytes=memory.forward_bytes, mem_method=memory.method)
         step()
 
-    processes = []
+    processes, ran = [], set()
     for index in range(config.repeats):
         step = task(f"timing, process {index + 1}/{config.repeats}", len(pairs) * config.samples)
-        processes.append(_run_worker(config, index, lambda done, total: step(completed=done)))
+        latencies, ops = _run_worker(config, index, lambda done, total: step(completed=done))
+        processes.append(latencies)
+        ran.add(ops)
+    if ran != {config.ops}:   # compiling failed in a worker: the rows say what was timed
+        config = dataclasses.replace(config, ops="+".join(sorted(ran)))
 
     rows, crossovers = _aggregate(config, processes, static, env, run_id)
     result = BenchResult(config, rows, crossovers)
@@ -468,7 +499,7 @@ def render(result: BenchResult) -> list:
     config = result.config
     table = Table(title=f"attnbench bench: {config.level} level, C={config.dim}, h={config.heads}, batch "
                         f"{config.batch}, {config.device}, {_threads_label(config.thread_count)}, "
-                        f"{config.repeats} processes x {config.samples} blocks",
+                        f"{config.repeats} processes x {config.samples} blocks, ops {config.ops}",
                   caption="MACs per sample (1 MAC = 2 FLOPs); ms = median over processes of per-process "
                           "medians; IQR within a process; spread = (max-min)/median across processes; "
                           "mem = peak resident rise during one forward (batch)")

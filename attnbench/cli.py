@@ -233,8 +233,10 @@ class RichSweepDisplay:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--out", default="results", show_default=True, help="Result store root (rows and plot in out/benchmarks/).")
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Measure peak memory of one forward.")
+@click.option("--ops", default="compile", show_default=True,
+              help="Built-in kernels: compile (torch.compile, eager fallback), fast (eager) or reference.")
 def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, threads, repeats, samples, warmup,
-                  device, out, memory) -> None:
+                  device, out, memory, ops) -> None:
     """Scaling benchmark: MACs, parameters, latency and memory of variants against token count."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -244,7 +246,7 @@ def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, thre
         config = bench.BenchConfig(
             variants=bench.parse_variants(variants), tokens=bench.parse_tokens(tokens), dim=dim, heads=heads,
             batch=batch, level=level, depth=depth, patch=patch, threads=threads, repeats=repeats,
-            samples=samples, warmup=warmup, device=device, out=out, memory=memory).validate()
+            samples=samples, warmup=warmup, device=device, out=out, memory=memory, ops=ops).validate()
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=err_console, transient=True) as progress:
             result = bench.run_benchmark(config, progress=progress)

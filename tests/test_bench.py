@@ -62,13 +62,14 @@ def test_cli_tiny_run_writes_rows_and_plot(tmp_path):
     out = tmp_path / "results"
     result = _invoke("--variants", "softmax,linear-angular", "--tokens", "17,65", "--dim", "32", "--heads", "2",
                      "--batch", "2", "--repeats", "1", "--samples", "3", "--warmup", "1", "--threads", "1",
-                     "--out", str(out))
+                     "--ops", "fast", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "crossover, linear-angular faster than softmax" in result.output
 
     rows = store.read_rows(out, kind="benchmark")
     assert len(rows) == 4 and set(rows["variant"]) == {"softmax", "linear-angular"}
     assert set(rows["tokens"]) == {17, 65} and (rows["processes"] == 1).all() and (rows["threads"] == 1).all()
+    assert (rows["ops"] == "fast").all()
     for column in ("macs", "attn_macs_analytic", "params", "latency_median_ms", "latency_iqr_ms",
                    "latency_spread_pct", "peak_mem_bytes", "forward_mem_bytes", "torch_version", "cpu_model",
                    "git_commit", "crossover_note"):
@@ -79,12 +80,25 @@ def test_cli_tiny_run_writes_rows_and_plot(tmp_path):
     assert len(plots) == 1 and plots[0].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_compiled_run_records_its_ops_and_warns_of_no_fallback(tmp_path):
+    """The default implementation is the compiled one: it compiles in the worker and the memory child."""
+    out = tmp_path / "results"
+    result = _invoke("--variants", "softmax,linear-angular", "--tokens", "17", "--dim", "32", "--heads", "2",
+                     "--batch", "2", "--repeats", "1", "--samples", "2", "--warmup", "1", "--threads", "1",
+                     "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "ops compile" in result.output and "using the eager fast path" not in result.output
+    rows = store.read_rows(out, kind="benchmark")
+    assert (rows["ops"] == "compile").all() and (rows["latency_median_ms"] > 0).all()
+
+
 @pytest.mark.parametrize("args, message", [
     (("--variants", "softmax,linear-anglar"), "did you mean 'linear-angular'"),
     (("--tokens", "197,many"), "--tokens"),
     (("--level", "model", "--tokens", "100"), "s*s + 1"),
     (("--dim", "100", "--heads", "3"), "not divisible"),
     (("--level", "grid"), "--level"),
+    (("--ops", "fastest"), "--ops must be one of fast, reference, compile"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     result = _invoke(*args, "--out", str(tmp_path))
@@ -92,3 +106,12 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_rows_name_the_eager_path_where_compiling_fell_back(monkeypatch):
+    from attnbench_variants.ops import linear_angular as la
+
+    monkeypatch.setattr(la, "_compile_failed", True)
+    assert bench._ops_that_ran("compile") == "fast" and bench._ops_that_ran("reference") == "reference"
+    monkeypatch.setattr(la, "_compile_failed", False)
+    assert bench._ops_that_ran("compile") == "compile"

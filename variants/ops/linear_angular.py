@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from attnbench_variants.ops import IMPLS, get_impl, set_impl, use_impl
 
 __all__ = ["IMPLS", "get_impl", "set_impl", "use_impl", "linear_angular", "linear_angular_naive",
-           "linear_angular_fast", "dwconv_tokens", "add_dwconv_tokens_", "CoreSaved", "core_forward",
+           "linear_angular_fast", "compile_fell_back", "dwconv_tokens", "add_dwconv_tokens_", "CoreSaved", "core_forward",
            "core_backward"]
 
 Constant = Literal["official", "faithful"]
@@ -378,6 +378,11 @@ def linear_angular_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ep
 
 _compiled = None
 _compile_failed = False
+
+
+def compile_fell_back() -> bool:
+    """Whether ``compile`` has failed in this process, so that it runs the eager ``fast`` path."""
+    return _compile_failed
 
 
 def _linear_angular_compiled(q, k, v, *, eps: float = 1e-6, constant: Constant = "official",
