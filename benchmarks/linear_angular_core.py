@@ -10,7 +10,8 @@ Inference (default): for each token count N, in one process and interleaved
 - ``fast-kernel``   the same without the DWConv residual;
 - ``reference``     the plain reference core with the DWConv (``F.normalize`` x3, ``F.conv2d``);
 - ``reference-kernel`` the same without the DWConv;
-- ``compile``       (``--compile``) the fast core under ``torch.compile``.
+- ``compile``       the fast core under ``torch.compile`` (skipped with ``--no-compile``; timed
+                    only if it really compiled, i.e. did not fall back to eager).
 
 and prints each time as a ratio to ``matmuls`` and to ``sdpa``.
 
@@ -19,6 +20,7 @@ Castling's core with the auxiliary masked-softmax branch on, against SDPA forwar
 plus the linear-angular core's forward + backward.
 
     python benchmarks/linear_angular_core.py                      # CPU, 2 threads, 197..12545 tokens
+    python benchmarks/linear_angular_core.py --no-compile         # eager paths only (no compile time)
     python benchmarks/linear_angular_core.py --training --tokens 197,785
     python benchmarks/linear_angular_core.py --device cuda --json results/la_core_cuda.json
 
@@ -62,7 +64,10 @@ def inference_callables(tokens, args) -> dict[str, tuple[Callable, tuple]]:
         def compiled(q, k, v):
             with la.use_impl("compile"):
                 return la.linear_angular(q, k, v, conv_weight=weight)
-        calls["compile"] = (compiled, (q, k, v))
+        with torch.inference_mode():
+            compiled(q, k, v)                         # compiles this shape (or falls back, warning)
+        if not la.compile_fell_back():
+            calls["compile"] = (compiled, (q, k, v))
     expected = la.linear_angular_naive(q, k, v, conv_weight=weight)
     for name in ("fast", "compile"):
         if name in calls:
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=21, help="timed blocks per callable (median)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time the torch.compile path")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the torch.compile path (inference; default on)")
     parser.add_argument("--training", action="store_true", help="forward+backward of Castling's training form")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here (e.g. results/...)")
     args = parser.parse_args(argv)

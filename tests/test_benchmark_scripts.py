@@ -25,7 +25,8 @@ def core_benchmark():
 def _run(module, tmp_path, *args):
     out = tmp_path / "rows.json"
     assert module.main(["--tokens", "17,33", "--batch", "1", "--heads", "2", "--head-dim", "8", "--repeats", "2",
-                        "--warmup", "1", "--threads", "1", "--device", "cpu", "--json", str(out), *args]) == 0
+                        "--warmup", "1", "--threads", "1", "--device", "cpu", "--no-compile", "--json", str(out),
+                        *args]) == 0
     return json.loads(out.read_text())
 
 
