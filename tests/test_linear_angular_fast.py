@@ -200,11 +200,33 @@ def test_inference_mode_fast_matches_reference(name):
         torch.testing.assert_close(y_fast, y_ref, **TOL)
 
 
-@pytest.mark.parametrize("form", ["dense", "sparse"])
+BRANCH_FORMS = {  # (SPARSE_MIN_TOKENS, SPARSE_MAX_DENSITY)
+    "dense": (10 ** 9, 1.0),         # small N: S kept for the backward
+    "dense-rebuilt": (1, 0.0),       # large N, too many entries pass: S rebuilt from A
+    "sparse": (1, 1.0),
+}
+
+
+def _use_branch_form(monkeypatch, form):
+    min_tokens, max_density = BRANCH_FORMS[form]
+    monkeypatch.setattr(ms, "SPARSE_MIN_TOKENS", min_tokens)
+    monkeypatch.setattr(ms, "SPARSE_MAX_DENSITY", max_density)
+
+
+@pytest.mark.parametrize("size", [1, 63, 64, 1000, 4099])
+def test_screened_entries_equal_nonzero(size):
+    """The blockwise screen finds exactly nonzero's entries, the tail past the last block too."""
+    x = torch.rand(size, generator=torch.Generator().manual_seed(size))
+    expected = torch.nonzero(x > 0.97).squeeze(1)
+    torch.testing.assert_close(ms._entries_above(x, 0.97, limit=size), expected)
+    if expected.numel():
+        assert ms._entries_above(x, 0.97, limit=expected.numel() - 1) is None
+
+
+@pytest.mark.parametrize("form", list(BRANCH_FORMS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_castling_branch_fast_matches_reference_with_gate_and_row_sums(form, dtype, monkeypatch):
-    monkeypatch.setattr(ms, "SPARSE_MIN_TOKENS", 1 if form == "sparse" else 10 ** 9)
-    monkeypatch.setattr(ms, "SPARSE_MAX_DENSITY", 1.0)
+    _use_branch_form(monkeypatch, form)
     q, k, v = [t.to(dtype) for t in _qkv((2, 3, 40, 16))]
     q.data *= 2  # peakier softmax: some entries pass the threshold
 
@@ -253,13 +275,12 @@ FUSED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("form", ["dense", "sparse"])
+@pytest.mark.parametrize("form", list(BRANCH_FORMS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=str)
 def test_fused_castling_matches_the_composed_reference(form, dtype, case, monkeypatch):
     """One Function (branch + core, gradients added into each other) against the plain ops step by step."""
-    monkeypatch.setattr(ms, "SPARSE_MIN_TOKENS", 1 if form == "sparse" else 10 ** 9)
-    monkeypatch.setattr(ms, "SPARSE_MAX_DENSITY", 1.0)
+    _use_branch_form(monkeypatch, form)
     case = dict(case)
     conv = case.pop("conv")
     # q, k, v as a layer makes them: non-contiguous views of one qkv tensor

@@ -110,13 +110,13 @@ class BranchSaved(NamedTuple):
     k: torch.Tensor
     v: torch.Tensor
     probs: torch.Tensor                   # A, (B, h, N, N)
-    kept: tuple                           # dense: (); sparse: (crow, cols, values, rows) of S
+    kept: tuple                           # dense: () or (S,); sparse: (crow, cols, values, rows) of S
     threshold: float
     scale: float
 
     @property
     def sparse(self) -> bool:
-        return bool(self.kept)
+        return len(self.kept) == 4
 
 
 def branch_forward(q, k, v, threshold: float, need_row_sums: bool):
@@ -145,12 +145,15 @@ def branch_forward(q, k, v, threshold: float, need_row_sums: bool):
         sv = torch.sparse.mm(_csr(crow, cols, values, B * h * n), v.reshape(-1, d)).view(B, h, n, d)
         row_sums = torch.segment_reduce(values, "sum", offsets=crow).view(B, h, n) if need_row_sums else None
         saved = BranchSaved(q, k, v, probs, (crow, cols, values, rows), threshold, scale)
-    else:   # S is not kept: the backward rebuilds it from A (one pass) in the buffer it needs anyway
+    else:
         s = F.threshold(probs, threshold, 0.0)        # A where A > threshold, else 0
         density = _count_positive(s) / s.numel()      # kept entries are > threshold > 0
         sv = s @ v
         row_sums = s.sum(dim=-1) if need_row_sums else None
-        saved = BranchSaved(q, k, v, probs, (), threshold, scale)
+        # Below SPARSE_MIN_TOKENS S is small and kept (the backward skips rebuilding it: 5% of a
+        # Castling step at 197 tokens); above, the backward rebuilds it from A, in the one
+        # (N, N) buffer it needs anyway, so that a layer holds one (N, N) matrix, not two.
+        saved = BranchSaved(q, k, v, probs, (s,) if n < SPARSE_MIN_TOKENS else (), threshold, scale)
     return sv, row_sums, density, saved
 
 
@@ -161,8 +164,8 @@ def branch_backward(saved: BranchSaved, grad_sv: torch.Tensor, grad_rows: Option
 
     ``rows_alpha`` defaults to ``alpha``. ``into``: optional (grad_q, grad_k, grad_v) buffers,
     contiguous, that the gradients are added to in place (by the matmuls themselves in the
-    dense form); else new tensors. Dense form: S rebuilt from A, dv = alpha S^T g; then
-    dS = alpha g v^T in S's buffer, the mask's and the softmax's backward in place there,
+    dense form); else new tensors. Dense form: S (kept, or rebuilt from A), dv = alpha S^T g;
+    then dS = alpha g v^T (in a rebuilt S's buffer), the mask's and the softmax's backward in place there,
     dq = dS k / sqrt(d), dk = dS^T q / sqrt(d). Sparse form: see :func:`_branch_backward_sparse`.
     """
     into = into or (None, None, None)
@@ -174,8 +177,11 @@ def branch_backward(saved: BranchSaved, grad_sv: torch.Tensor, grad_rows: Option
     B, h, n, d = q.shape
     g3 = grad_sv.reshape(-1, n, d)
     probs3, v3 = probs.view(-1, n, n), v.view(-1, n, d)
-    grad = F.threshold(probs3, saved.threshold, 0.0) if needs[2] else torch.empty_like(probs3)   # S
-    grad_v = _baddbmm_into(into[2], grad.transpose(1, 2), g3, alpha) if needs[2] else None
+    if saved.kept:                                    # S kept by the forward: dS gets a new buffer
+        s3, grad = saved.kept[0].view(-1, n, n), torch.empty_like(probs3)
+    else:                                             # S rebuilt in the buffer that dS then reuses
+        s3 = grad = F.threshold(probs3, saved.threshold, 0.0) if needs[2] else torch.empty_like(probs3)
+    grad_v = _baddbmm_into(into[2], s3.transpose(1, 2), g3, alpha) if needs[2] else None
     grad_q = grad_k = None
     if needs[0] or needs[1]:   # dS into S's buffer, the backward's one (N, N) buffer
         torch.baddbmm(grad, g3, v3.transpose(1, 2), beta=0.0, alpha=alpha, out=grad)
