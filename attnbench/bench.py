@@ -196,9 +196,19 @@ def _build(config: BenchConfig, variant: str, tokens: int) -> nn.Module:
     return build_module(config.level, variant, config.dim, config.heads, tokens, config.depth, config.patch)
 
 
-def _build_under(ops: str, *args) -> nn.Module:
-    """:func:`build_module` in a process that will run it with the ``ops`` implementation."""
+def _use_ops(ops: str, shapes: int) -> None:
+    """Run this process's built-in kernels as ``ops``; with ``compile``, let Dynamo compile each
+    of ``shapes`` shapes (its default limit of 8 per function would time the rest eager)."""
     set_impl(ops)
+    if ops == "compile":
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * shapes)
+
+
+def _build_under(ops: str, shapes: int, *args) -> nn.Module:
+    """:func:`build_module` in a process that will run it with the ``ops`` implementation."""
+    _use_ops(ops, shapes)
     return build_module(*args)
 
 
@@ -211,7 +221,7 @@ def _key(variant: str, tokens: int) -> str:
 def _time_in_this_process(config: BenchConfig, on_block=None) -> dict[str, dict]:
     """Time every (variant, N) interleaved in this process; key -> Latency as a dict."""
     torch.set_num_threads(config.thread_count)
-    set_impl(config.ops)
+    _use_ops(config.ops, len(config.tokens) * len(config.variants))
     callables = {}
     for tokens in config.tokens:
         for variant in config.variants:
@@ -412,7 +422,7 @@ def _run(config: BenchConfig, env: dict[str, Any], progress, write: bool) -> Ben
         step = task("peak memory (child process)" if config.device == "cpu" else "peak memory", 1)
         import functools
 
-        jobs = [(functools.partial(_build_under, config.ops, config.level, v, config.dim, config.heads, n, config.depth,
+        jobs = [(functools.partial(_build_under, config.ops, len(pairs), config.level, v, config.dim, config.heads, n, config.depth,
                                    config.patch), (config.batch, *input_shape(config, n))) for v, n in pairs]
         try:
             memories = measure.peak_memory_many(jobs, device=config.device, threads=threads)
