@@ -16,7 +16,7 @@ Implementation (``ops``): the kernels of the built-in variants run as ``compile`
 compiling fails), since SDPA, the baseline, is a fused kernel too; ``fast`` or ``reference``
 on request. Each timing and memory process compiles each shape once, in its untimed warm-up.
 
-Rows go to the result store (:mod:`attnbench.store`, ``kind="benchmark"``) with the
+Rows go to the result store (:mod:`attnbench.results.store`, ``kind="benchmark"``) with the
 environment; a PNG shows latency and MACs against tokens on log-log axes.
 """
 from __future__ import annotations
@@ -445,7 +445,7 @@ def _run(config: BenchConfig, env: dict[str, Any], progress, write: bool) -> Ben
     rows, crossovers = _aggregate(config, processes, static, env, run_id)
     result = BenchResult(config, rows, crossovers)
     if write:
-        from attnbench import store  # lazy: timing workers need no pandas
+        from attnbench.results import store  # lazy: timing workers need no pandas
 
         name = f"benchmarks/bench-{run_id}"
         result.rows_path = store.write_rows(config.out, rows, name)

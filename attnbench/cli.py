@@ -280,7 +280,7 @@ def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, thre
 def report_command(results_dir: Path, studies, labels, variants, filters, sort, desc, columns, baseline, fmt, out,
                    plots_dir, no_plots, html_file) -> None:
     """Tables, Pareto fronts and plots: one row per configuration, mean ± std over seeds."""
-    from attnbench import report
+    from attnbench.results import report
 
     try:
         trials, bench = report.load_results(results_dir)
@@ -325,7 +325,7 @@ def _report_plots(frame, trials, bench, plots_dir, html_file, columns, notes) ->
     """Write the PNG plots to ``plots_dir`` (None: none) and the HTML page; say where."""
     import tempfile
 
-    from attnbench import plots, report
+    from attnbench.results import plots, report
 
     if plots_dir is None and html_file is None:
         return

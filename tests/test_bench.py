@@ -4,7 +4,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from attnbench import bench, measure, store
+from attnbench import bench, measure
+from attnbench.results import store
 from attnbench.cli import main
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from attnbench import store
+from attnbench.results import store
 from attnbench.testing import CHECKS
 from test_registry import BUILTINS, PLUGIN_MODULE, fake_distribution
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from attnbench import plots, report, store
+from attnbench.results import plots, report, store
 from attnbench.cli import main
 
 # label -> (variant, top-1 per seed, top-1 before castling per seed, MACs, latency ms)

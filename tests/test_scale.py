@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from attnbench import store
+from attnbench.results import store
 from attnbench.cli import main
 from attnbench.sweep import SLOT_ATTR, trial_key
 

@@ -1,10 +1,10 @@
-"""attnbench.store: one Parquet file per unit of work, atomic, schema-checked."""
+"""attnbench.results.store: one Parquet file per unit of work, atomic, schema-checked."""
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from attnbench import store
+from attnbench.results import store
 
 
 def test_round_trip_union_of_columns_and_kind_filter(tmp_path):

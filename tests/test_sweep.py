@@ -13,7 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from attnbench import registry, store
+from attnbench import registry
+from attnbench.results import store
 from attnbench.cli import main
 from attnbench.experiment import load_experiment
 from attnbench.sweep import run_sweep
@@ -91,7 +92,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, nan_variant
 
 
 def test_interrupted_sweep_resumes_without_losing_or_doubling(tmp_path, monkeypatch):
-    import attnbench.sweep as sweep_module
+    import attnbench.sweep.trial as sweep_module
 
     calls = {"n": 0}
     real_fit = sweep_module.fit

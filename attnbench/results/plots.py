@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from attnbench.report import KEYS, prepare_trials
+from attnbench.results.report import KEYS, prepare_trials
 
 __all__ = ["write_plots", "pareto_plot", "scaling_plot", "mask_curves", "mask_density_plot"]
 

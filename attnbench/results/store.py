@@ -14,7 +14,7 @@ kinds or versions of a writer may have different columns: :func:`read_rows` conc
 missing values as NA. The files are plain Parquet, readable with pandas or pyarrow alone::
 
     pandas.read_parquet("results/")                       # every file below results/
-    attnbench.store.read_rows("results/", kind="trial")   # the same, checked and filtered
+    attnbench.results.store.read_rows("results/", kind="trial")   # the same, checked and filtered
 
 Bump :data:`SCHEMA_VERSION` when the meaning of an existing column changes; readers refuse
 files of another version with :class:`StoreError` instead of mixing them silently.

@@ -2,7 +2,7 @@
 
 The data side (:func:`load_results`, :func:`summarize`, :func:`select`) returns plain
 DataFrames; the rendering side (:func:`rich_tables`, :func:`export`, :func:`html_page`) turns
-a summary into text. Plots live in :mod:`attnbench.plots`.
+a summary into text. Plots live in :mod:`attnbench.results.plots`.
 
 A configuration is one (study, label, options): a swept option makes several configurations
 of one label. Per configuration, over its complete seeds (failed and pruned rows are counted,
@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from attnbench import store
+from attnbench.results import store
 from attnbench.variant import did_you_mean
 
 __all__ = ["ReportError", "BASELINE", "ALPHA", "DEFAULT_COLUMNS", "FORMATS", "load_results", "prepare_trials",

@@ -1,0 +1,218 @@
+"""The sweep loop: claim room under the lock, run one trial at a time, hold Ctrl-C during Optuna's bookkeeping."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from attnbench import measure
+from attnbench.experiment import Experiment
+from attnbench.sweep.bookkeeping import (ERROR_ATTR, StudyProgress, _requeue, fail_orphaned_trials,
+                                         study_progress, trial_key)
+from attnbench.sweep.storage import (StorageLock, _sampler, claim_worker_slot, heartbeat_settings,
+                                     open_study, storage_url, worker_sampler_seed)
+from attnbench.sweep.trial import TrialContext, TrialFailed, data_loader, run_trial
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    study: str
+    storage: str
+    results: Path
+    done: int
+    failed: int
+    target: Optional[int]
+    ran_here: int
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), storage: Optional[str] = None,
+              device: str = "auto", worker_index: Optional[int] = None, display: Optional["SweepDisplay"] = None,
+              wait_for_others: bool = True) -> SweepSummary:
+    """Run (or resume) the experiment's study until its budget is met.
+
+    Args:
+        experiment: the validated experiment.
+        results_dir: the results folder; rows go to ``<results_dir>/<name>/trials/``.
+        storage: an Optuna storage URL overriding the experiment's.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        worker_index: fixes this worker's sampler seed (``sampler seed x 1000 + index``); by
+            default the worker takes the study's next free slot as its index (0 for the first
+            worker of a study), so workers started separately get distinct seeds.
+        display: progress callbacks (Rich in the CLI).
+        wait_for_others: when nothing is left to start but other workers' trials still run,
+            wait for them (and re-run theirs if they die) instead of returning.
+    """
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # failures are reported through ``display``
+    # Heartbeats and retries are marked experimental; they are what makes resuming safe.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    url = storage_url(experiment, results_dir, storage)
+    study = open_study(experiment, url, worker_sampler_seed(experiment, worker_index or 0))
+    if worker_index is None:
+        worker_index = claim_worker_slot(study, url)
+        study.sampler = _sampler(experiment, worker_sampler_seed(experiment, worker_index))
+    sampler_seed = worker_sampler_seed(experiment, worker_index)
+    if experiment.multi_objective:
+        study.set_metric_names([o.metric for o in experiment.objectives])
+    loader = data_loader(experiment)
+    loader({})   # fail on bad data before any trial starts
+    env = measure.environment(device, threads=experiment.measure.threads)
+    ctx = TrialContext(experiment, results_dir / experiment.name, loader, device=device, sampler_seed=sampler_seed,
+                       worker=_worker_name(), environment=env)
+    target = experiment.n_trials()
+    deadline = time.monotonic() + experiment.timeout_s if experiment.timeout_s else math.inf
+    # Checking for room and creating the trial happen under one lock shared by all workers, so
+    # together they start no more trials than the budget; the lock is let go once the trial exists.
+    claim = StorageLock(url, f"attnbench:study:{experiment.name}")
+    with SigintGuard() as sigint:
+        ran = _sweep_loop(study, ctx, claim, sigint, deadline, target, display, wait_for_others)
+    state = study_progress(study)
+    if display:
+        display.update(study, state, target)
+    return SweepSummary(experiment.name, url, ctx.results, state.done, state.failed, target, ran)
+
+
+def _sweep_loop(study: optuna.Study, ctx: TrialContext, claim: "StorageLock", sigint: "SigintGuard",
+                deadline: float, target: Optional[int], display: Optional["SweepDisplay"],
+                wait_for_others: bool) -> int:
+    """Start trials until the budget is met (or time is up); return how many ran here."""
+    ran = 0
+    while time.monotonic() < deadline:
+        sigint.check()
+        mine = None
+        with claim:
+            optuna.storages.fail_stale_trials(study)
+            fail_orphaned_trials(study)
+            state = study_progress(study)
+            if display:
+                display.update(study, state, target)
+            if target is not None and state.done >= target:
+                break
+            if state.interrupted:
+                _requeue(study, state.interrupted)
+                continue
+            room = target is None or state.waiting > 0 or state.done + state.running < target
+            if room:   # a queued re-run is taken first; otherwise a new trial is created
+                mine = _optimize_one(study, ctx, claim, sigint, deadline, display)
+        if not room:
+            if not wait_for_others:
+                break
+            time.sleep(min(heartbeat_settings()[0], 2.0))
+            continue
+        ran += 1
+        if display and mine is not None and mine.state == TrialState.FAIL and ERROR_ATTR in mine.user_attrs:
+            display.log(f"trial {trial_key(mine)} ({mine.user_attrs.get('label', '')}) failed: "
+                        f"{mine.user_attrs[ERROR_ATTR]}")
+    sigint.check()
+    return ran
+
+
+class SigintGuard:
+    """Ctrl-C stops a trial's own work at once, but waits out Optuna's bookkeeping around it.
+
+    Optuna's ``_run_trial`` cannot take a KeyboardInterrupt that arrives after the objective has
+    returned, while it tells the storage (it fails with an UnboundLocalError, and the process
+    exits 1 with a traceback instead of 130). So, while installed (main thread only), SIGINT
+    raises KeyboardInterrupt only inside :meth:`work`; elsewhere it is held, and :meth:`check`
+    raises it at the next safe point. A second SIGINT while one is held raises at once (a
+    storage that hangs must not make Ctrl-C useless).
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._open = False
+        self._previous = None
+
+    def __enter__(self) -> "SigintGuard":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self._open or self.pending:
+            self._open = False          # raised once: the bookkeeping that follows is held again
+            raise KeyboardInterrupt
+        self.pending = True
+
+    @contextlib.contextmanager
+    def work(self):
+        """The region where Ctrl-C interrupts at once (a trial's training and measuring)."""
+        self.check()
+        self._open = True
+        try:
+            yield
+        finally:
+            self._open = False
+
+    def check(self) -> None:
+        """Raise the held Ctrl-C, if any."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, sigint: SigintGuard,
+                  deadline: float, display: Optional["SweepDisplay"]) -> Optional[FrozenTrial]:
+    """Run one trial (a queued re-run, else a new one); ``claim`` is released once it exists."""
+    started: dict[str, int] = {}
+
+    def objective(trial: optuna.Trial) -> Any:
+        claim.release()
+        started["id"] = trial._trial_id
+        try:
+            with sigint.work():
+                value = run_trial(ctx, trial)
+        except (TrialFailed, optuna.TrialPruned):
+            started["ended"] = 1
+            raise
+        started["ended"] = 1
+        return value
+
+    try:
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,),
+                       timeout=None if deadline is math.inf else max(deadline - time.monotonic(), 1))
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as err:
+        # This worker missed heartbeats for the grace period (a stall, a lost connection), so
+        # another worker failed its trial and queued a re-run; the re-run's file replaces ours.
+        # Optuna then refuses to record the outcome ("Cannot tell a FAIL trial").
+        mine = study._storage.get_trial(started["id"]) if "id" in started else None
+        ours = "ended" in started or isinstance(err, optuna.exceptions.UpdateFinishedTrialError)
+        if mine is None or mine.state != TrialState.FAIL or not ours:
+            raise
+        if display:
+            display.log(f"trial {trial_key(mine)} was taken over by another worker (no heartbeat for "
+                        f"{heartbeat_settings()[1]} s); it runs again")
+    return study._storage.get_trial(started["id"]) if "id" in started else None
+
+
+class SweepDisplay:
+    """Progress callbacks; the CLI supplies a Rich implementation."""
+
+    def update(self, study: optuna.Study, state: StudyProgress, target: Optional[int]) -> None:
+        """Called before and after each trial."""
+
+    def log(self, message: str) -> None:
+        """A line worth showing (a failed trial and its reason)."""

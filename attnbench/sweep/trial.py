@@ -1,0 +1,244 @@
+"""One trial: suggest a configuration, build, count, train every seed, castle, measure, store its rows."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+
+from attnbench import data, measure, models
+from attnbench.experiment import CONFIG_PARAM, Experiment, VariantConfig
+from attnbench.results import store
+from attnbench.sweep.bookkeeping import ERROR_ATTR, INTERRUPTED_ATTR, trial_key
+from attnbench.train import TrainConfig, TrainResult, default_arch, fit
+
+class TrialFailed(Exception):
+    """A trial that failed for a reason worth recording (diverged, out of budget, crashed)."""
+
+
+@dataclasses.dataclass
+class TrialContext:
+    experiment: Experiment
+    results: Path                 # results/<study>
+    data: Callable[[dict], Any]   # data set options swept by the trial -> splits (cached)
+    device: str
+    sampler_seed: int
+    worker: str
+    environment: dict[str, Any]
+    splits: Any = None            # this trial's splits
+
+    @property
+    def arch(self) -> str:
+        return self.experiment.arch or default_arch(self.splits)
+
+
+def _suggest(trial: optuna.Trial, experiment: Experiment) -> dict[str, Any]:
+    params = {}
+    if len(experiment.configs) > 1:
+        params[CONFIG_PARAM] = trial.suggest_categorical(CONFIG_PARAM, [c.label for c in experiment.configs])
+    for p in experiment.search:
+        if p.kind == "categorical":
+            params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.kind == "int":
+            params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            params[p.name] = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+    return params
+
+
+def _model_kwargs(ctx: TrialContext) -> dict[str, Any]:
+    s = ctx.splits
+    return dict(num_classes=s.num_classes, in_chans=s.in_chans, img_size=s.img_size, **ctx.experiment.model_kwargs)
+
+
+def _build(ctx: TrialContext, config: VariantConfig, seed: int):
+    return models.create_model(ctx.arch, config.variant, config.options, seed=seed, **_model_kwargs(ctx))
+
+
+def _input_shape(ctx: TrialContext) -> tuple[int, int, int]:
+    return (ctx.splits.in_chans, ctx.splits.img_size, ctx.splits.img_size)
+
+
+def _costs(ctx: TrialContext, config: VariantConfig) -> dict[str, Any]:
+    """MACs and parameters of the inference form, counted before any training."""
+    model = models.castle(_build(ctx, config, seed=0))
+    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+    attention = sum(layer.macs(tokens) for _, layer in models.variant_layers(model))
+    return {"macs": measure.count_macs(model, _input_shape(ctx)), "attention_macs": attention,
+            "params": measure.count_params(model), "num_tokens": tokens, "arch": ctx.arch}
+
+
+def _speed(ctx: TrialContext, config: VariantConfig, model) -> dict[str, Any]:
+    spec = ctx.experiment.measure
+    out: dict[str, Any] = {}
+    if spec.latency:
+        import torch
+        x = torch.randn(spec.batch_size, *_input_shape(ctx), device=ctx.device)
+        lat = measure.time_latency(model.eval(), x, threads=spec.threads, repeats=spec.repeats, device=ctx.device)
+        out.update(latency_median_ms=lat.median_ms, latency_iqr_ms=lat.iqr_ms, latency_batch=spec.batch_size,
+                   latency_threads=lat.threads, samples_per_s=lat.samples_per_s)
+    if spec.memory:
+        build = functools.partial(_castled_model, ctx.arch, config.variant, config.options, **_model_kwargs(ctx))
+        mem = measure.peak_memory(build, (spec.batch_size, *_input_shape(ctx)), device=ctx.device,
+                                  threads=spec.threads)
+        # The forward's own peak; the process peak is mostly the interpreter and torch itself.
+        out.update(peak_memory_mb=mem.forward_bytes / 2**20, process_peak_memory_mb=mem.peak_bytes / 2**20,
+                   memory_method=mem.method)
+    return out
+
+
+def _castled_model(arch: str, variant: str, options: dict, **model_kwargs):
+    """Module-level (picklable) builder of the inference form, for the memory child process."""
+    return models.castle(models.create_model(arch, variant, options, **model_kwargs))
+
+
+def _row(ctx: TrialContext, trial: optuna.Trial, key: int, config: VariantConfig, seed: int,
+         costs: dict, result: Optional[TrainResult], status: str, error: Optional[str], wall: float) -> dict[str, Any]:
+    """One (trial, seed) row with its provenance; DESIGN.md "Results"."""
+    e = ctx.experiment
+    row = {
+        "kind": "trial", "study": e.name, "trial": key, "optuna_trial": trial.number, "seed": seed,
+        "label": config.label, "variant": config.variant, "options": json.dumps(config.options, sort_keys=True),
+        "params_json": json.dumps(trial.params, sort_keys=True, default=str),
+        "arch": ctx.arch, "model_kwargs": json.dumps(e.model_kwargs, sort_keys=True),
+        **ctx.splits.summary(), "data_root": e.data_root,
+        "train_config": json.dumps(e.train, sort_keys=True), "sampler": e.sampler,
+        "sampler_seed": ctx.sampler_seed, "worker": ctx.worker, "status": status, "error": error,
+        "wall_time_s": wall, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **costs, **ctx.environment,
+    }
+    row.update({f"opt_{k}": v for k, v in config.options.items()})
+    if result is not None:
+        row.update(_result_columns(result))
+    return row
+
+
+def _result_columns(result: TrainResult) -> dict[str, Any]:
+    summary = result.summary()
+    curve = [{k: d[k] for k in ("progress", "layer", "mask_density", "branch_ratio") if k in d}
+             for d in result.diagnostics if "mask_density" in d]
+    return {
+        "top1": result.test_top1_castled, "top1_train_form": result.test_top1, "switch_cost": result.switch_cost,
+        "switch_flips": result.switch_flips, "best_val_top1": result.val_top1,
+        "best_val_top1_castled": result.val_top1_castled, "checkpoint": result.checkpoint,
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "steps": result.steps,
+        "train_time_s": result.train_time_s, "stopped": result.stopped,
+        "mask_density_end": result.mask_density, "branch_ratio_end": result.branch_ratio,
+        "mask_density_curve": json.dumps(curve) if curve else None,
+        "train_device": summary["device"], "train_threads": summary["num_threads"],
+    }
+
+
+def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
+    """The Optuna objective: returns the objectives' means over seeds."""
+    e = ctx.experiment
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    key = trial_key(frozen)
+    config = e.resolve(_suggest(trial, e))
+    ctx = dataclasses.replace(ctx, splits=ctx.data(config.data_options))
+    trial.set_user_attr("label", config.label)
+    trial.set_user_attr("worker", ctx.worker)   # which worker runs it (host:pid), for watching a study
+    rows: list[dict] = []
+    started = time.perf_counter()
+    try:
+        costs = _costs(ctx, config)
+        if e.max_macs is not None and costs["macs"] > e.max_macs:
+            raise TrialFailed(f"{costs['macs']:,} MACs exceed constraints.max_macs {e.max_macs:,}")
+        results, last_model = [], None
+        for index, seed in enumerate(e.seeds):
+            seed_start = time.perf_counter()
+            model = _build(ctx, config, seed).to(ctx.device)
+            report = _pruning_reporter(trial, e) if index == 0 else None
+            try:
+                result = fit(model, ctx.splits, TrainConfig(**{**e.train, "seed": seed, "device": ctx.device}),
+                             callback=report, progress=False)
+            except optuna.TrialPruned:
+                rows.append(_row(ctx, trial, key, config, seed, costs, None, "pruned", None,
+                                 time.perf_counter() - seed_start))
+                raise
+            if not result.ok:
+                rows.append(_row(ctx, trial, key, config, seed, costs, result, "failed", result.error,
+                                 time.perf_counter() - seed_start))
+                raise TrialFailed(f"seed {seed}: {result.error}")
+            results.append(result)
+            rows.append(_row(ctx, trial, key, config, seed, costs, result, "complete", None,
+                             time.perf_counter() - seed_start))
+            last_model = model
+        speed = _speed(ctx, config, models.castle(last_model))
+        for row in rows:
+            row.update(speed)
+        values = _objective_values(e, rows)
+        return values if len(values) > 1 else values[0]
+    except TrialFailed as err:
+        trial.set_user_attr(ERROR_ATTR, str(err))
+        if not rows:
+            rows.append(_row(ctx, trial, key, config, e.seeds[0], locals().get("costs", {}), None, "failed",
+                             str(err), time.perf_counter() - started))
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        trial.set_user_attr(INTERRUPTED_ATTR, True)
+        rows = []   # an interrupted trial is re-run in full; write nothing
+        raise
+    except Exception as err:  # a crash in one trial is recorded; the sweep goes on
+        message = f"{type(err).__name__}: {err}"
+        trial.set_user_attr(ERROR_ATTR, message)
+        rows.append(_row(ctx, trial, key, config, e.seeds[min(len(rows), len(e.seeds) - 1)],
+                         locals().get("costs", {}), None, "failed", message, time.perf_counter() - started))
+        raise TrialFailed(message) from err
+    finally:
+        if rows:
+            store.write_rows(ctx.results, rows, f"trials/trial-{key:05d}")
+
+
+def _pruning_reporter(trial: optuna.Trial, e: Experiment) -> Optional[Callable[[int, float], None]]:
+    if e.multi_objective or not e.pruning:
+        return None
+
+    def report(record: dict[str, Any]) -> None:
+        trial.report(record["val_top1"], record["epoch"])
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {record['epoch']} (validation top-1 {record['val_top1']:.2f})")
+
+    return report
+
+
+def _objective_values(e: Experiment, rows: list[dict]) -> list[float]:
+    values = []
+    for objective in e.objectives:
+        samples = [r[objective.metric] for r in rows if r.get(objective.metric) is not None]
+        if not samples:
+            raise TrialFailed(f"objective '{objective.metric}' was not measured "
+                              f"(enable it under 'measure')")
+        values.append(float(statistics.fmean(samples)))
+    return values
+
+
+def data_loader(experiment: Experiment) -> Callable[[dict], Any]:
+    """Splits for the experiment's data with a trial's swept ``data.*`` options, loaded once each.
+
+    Raises ``attnbench.data.DataError`` for bad paths or options.
+    """
+
+    @functools.lru_cache(maxsize=4)
+    def load(frozen: tuple) -> Any:
+        return data.load_dataset(experiment.dataset, root=experiment.data_root,
+                                 **{**experiment.data_options, **dict(frozen)})
+
+    return lambda overrides: load(tuple(sorted(overrides.items())))
+
+
+def plan(experiment: Experiment) -> tuple[str, list[tuple[VariantConfig, dict[str, Any]]]]:
+    """(architecture, [(configuration, MACs and params of its inference form)]) without training.
+
+    A continuous search space has no finite plan; then only the base configuration is listed.
+    """
+    ctx = TrialContext(experiment, Path("."), data_loader(experiment), device="cpu",
+                       sampler_seed=experiment.sampler_seed, worker="", environment={})
+    configs = experiment.plan() or [experiment.resolve({})]
+    costs = [(c, _costs(dataclasses.replace(ctx, splits=ctx.data(c.data_options)), c)) for c in configs]
+    return costs[0][1]["arch"], costs
