@@ -1,0 +1,57 @@
+"""The README and docs/ stand alone: every relative link and every repository path they name exists."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Top-level folders of this repository: a path in backticks that starts with one of them is a
+# claim that the file or folder exists.
+REPO_DIRS = ("attnbench", "variants", "experiments", "docs", "examples", "benchmarks", "scripts", "tests", ".ci")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+CODE_PATH = re.compile(r"`((?:%s)/[A-Za-z0-9_./-]*[A-Za-z0-9_/-])`" % "|".join(re.escape(d) for d in REPO_DIRS))
+# Generated at run time, not shipped: rows and plots.
+GENERATED = ("results/",)
+
+
+def _links(path: Path) -> list[str]:
+    return [m for m in LINK.findall(path.read_text()) if "://" not in m and not m.startswith(("#", "mailto:"))]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.name)
+def test_relative_links_resolve(document):
+    missing = [link for link in _links(document)
+               if not (document.parent / link.split("#", 1)[0]).exists()]
+    assert not missing, f"{document.name} links to missing files: {missing}"
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: p.name)
+def test_repository_paths_exist(document):
+    named = set(CODE_PATH.findall(document.read_text()))
+    missing = sorted(p for p in named if not p.startswith(GENERATED) and not (ROOT / p).exists()
+                     and not any(ch in p for ch in "*<>"))
+    assert not missing, f"{document.name} names paths that do not exist: {missing}"
+
+
+def test_the_path_pattern_finds_paths():
+    # The checks above are only as good as the pattern: it must see a path in backticks.
+    assert CODE_PATH.findall("run `experiments/ablation.yaml` and `docs/method.md`, not `foo/bar`") == [
+        "experiments/ablation.yaml", "docs/method.md"]
+
+
+def test_nothing_points_outside_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    outside = []
+    for name in tracked.stdout.split():
+        path = ROOT / name
+        if path.suffix in {".py", ".md", ".yaml", ".toml", ".sh", ".txt"} and path.is_file() and path != Path(__file__):
+            text = path.read_text(errors="replace")
+            if "../shared" in text or "castling-spec.md" in text or "DESIGN.md" in text:
+                outside.append(name)
+    assert not outside, f"these files cite documents users do not have: {outside}"
