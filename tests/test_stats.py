@@ -138,7 +138,9 @@ def test_min_detectable_only_with_few_seeds():
 
 
 def test_fewer_than_two_seeds():
-    table = stats.compare_to_baseline({"b": {0: 70.0, 1: 71.0}, "one": {0: 60.0}, "none": {}}, "b")
+    # missing values (None, NaN, pd.NA) are no samples
+    table = stats.compare_to_baseline({"b": {0: 70.0, 1: 71.0, 2: None}, "one": {0: 60.0, 1: math.nan},
+                                       "none": {0: pd.NA}}, "b")
     for key in ("one", "none"):
         row = table.loc[key]
         assert pd.isna(row["test"]) and row["beyond_noise"] == "n<2"

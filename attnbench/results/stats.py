@@ -177,7 +177,7 @@ def _welch_spread(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def _finite(values: Mapping[Hashable, float]) -> dict[Hashable, float]:
     """Seed -> value for the seeds with a number (a missing top-1 is no sample)."""
-    return {seed: float(v) for seed, v in values.items() if v is not None and np.isfinite(float(v))}
+    return {seed: float(v) for seed, v in values.items() if pd.notna(v) and np.isfinite(float(v))}
 
 
 def _compare_one(own: dict, base: dict) -> dict:
