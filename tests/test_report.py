@@ -5,17 +5,19 @@ import math
 
 import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 from click.testing import CliRunner
 from rich.console import Console
 
 from attnbench.results import plots, report, store
 from attnbench.cli import main
 
-# label -> (variant, top-1 per seed, top-1 before castling per seed, MACs, latency ms)
+# label -> (variant, top-1 per seed, top-1 before castling per seed, MACs, latency ms); seeds 0, 1, 2
+# are paired with softmax's, so the differences per seed vary (a constant one would have no spread)
 CONFIGS = {
     "softmax": ("softmax", [70.0, 71.0, 72.0], [70.0, 71.0, 72.0], 1.0e9, 10.0),
-    "linear": ("linear", [60.0, 61.0, 62.0], [60.0, 61.0, 62.0], 5.0e8, 4.0),
-    "castling": ("castling", [70.5, 71.5, 72.5], [71.5, 72.5, 73.5], 6.0e8, 12.0),
+    "linear": ("linear", [61.0, 60.0, 62.0], [61.0, 60.0, 62.0], 5.0e8, 4.0),
+    "castling": ("castling", [71.5, 70.5, 72.5], [72.5, 71.5, 73.5], 6.0e8, 12.0),
     "angular": ("angular", [50.0], [50.0], 2.0e9, 20.0),
 }
 CURVE = json.dumps([{"progress": p, "layer": f"blocks.{i}.attn", "mask_density": 0.5 * (1 - p) + 0.1 * i,
@@ -85,9 +87,19 @@ def test_means_std_n_and_failed_not_averaged(summary):
 def test_baseline_difference_noise_and_macs_reduction(summary):
     assert set(summary.loc[summary["study"] == "ablation", "baseline"]) == {"softmax"}
     linear, castling, softmax = (_row(summary, name) for name in ("linear", "castling", "softmax"))
+    # paired on seeds 0-2. linear: differences -9, -11, -10, t = -10 / (1 / sqrt(3)) = -17.3 with 2 df;
+    # castling: 1.5, -0.5, 0.5, t = 0.5 / (1 / sqrt(3)) = 0.866. Holm over these two (angular has one
+    # seed): the smaller p doubled, the larger kept (it exceeds the doubled one).
+    assert linear["test"] == castling["test"] == "paired" and linear["n_pairs"] == 3
+    assert linear["p_raw"] == pytest.approx(2 * scipy_stats.t.sf(10 * math.sqrt(3), 2))
+    assert castling["p_raw"] == pytest.approx(2 * scipy_stats.t.sf(0.5 * math.sqrt(3), 2))
+    assert linear["p_holm"] == pytest.approx(2 * linear["p_raw"]) and castling["p_holm"] == castling["p_raw"]
     assert linear["delta_top1"] == pytest.approx(-10.0) and linear["beyond_noise"] == "yes"
-    assert linear["p_value"] < 0.01
+    assert linear["p_holm"] < 0.01
+    # Welch's over all seeds stays available: t = -10 / sqrt(1/3 + 1/3) with 4 df
+    assert linear["p_welch"] == pytest.approx(2 * scipy_stats.t.sf(10 / math.sqrt(2 / 3), 4))
     assert castling["delta_top1"] == pytest.approx(0.5) and castling["beyond_noise"] == "no"
+    assert castling["prob_improvement"] == pytest.approx(2 / 3)     # seeds 0 and 2 beat softmax, seed 1 not
     assert _row(summary, "angular")["beyond_noise"] == "n<2"
     assert softmax["beyond_noise"] == "baseline" and softmax["delta_top1"] == 0
     assert linear["macs_reduction_pct"] == pytest.approx(50.0)
@@ -102,15 +114,28 @@ def test_explicit_baseline(results):
     summary = report.summarize(trials, baseline="a")
     b = _row(summary, "b", "other")
     assert b["delta_top1"] == pytest.approx(9.0) and b["macs_reduction_pct"] == pytest.approx(-100.0)
-    assert b["beyond_noise"] in ("yes", "no") and not math.isnan(b["p_value"])
+    # paired differences 10 and 8: t = 9 / (sqrt(2) / sqrt(2)) = 9 with 1 df, the only comparison
+    assert b["test"] == "paired" and b["p_holm"] == pytest.approx(2 * scipy_stats.t.sf(9, 1))
+    assert b["beyond_noise"] == "no"
     with pytest.raises(report.ReportError, match="did you mean 'linear'"):
         report.summarize(trials, baseline="linearr")
 
 
-def test_welch_p_and_pareto_front():
-    assert report.welch_p([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
-    assert math.isnan(report.welch_p([1], [1, 2]))
-    assert report.welch_p([5, 5], [4, 4]) == 0.0
+def test_seeds_that_differ_get_welch(tmp_path):
+    rows = [_trial("s", label, seed, top1, top1, 1e8, 1.0)
+            for label, seeds, values in (("softmax", (0, 1, 2), (70.0, 71.0, 72.0)),
+                                         ("linear", (5, 6, 7), (60.0, 61.0, 63.0)))
+            for seed, top1 in zip(seeds, values)]
+    store.write_rows(tmp_path, rows, "t")
+    summary = report.summarize(report.load_results(tmp_path)[0])
+    linear = _row(summary, "linear", "s")
+    assert linear["test"] == "welch" and linear["n_pairs"] == 0 and linear["p_raw"] == linear["p_welch"]
+    markdown = report.export(summary, "markdown")
+    assert f"yes (p={linear['p_holm']:.2g} Welch; CI [" in markdown
+    assert "Welch's t-test where the seeds differ" in markdown and "paired t-test" not in markdown
+
+
+def test_pareto_front():
     front = report.pareto_front([1, 2, 2, 3, math.nan], [1, 2, 3, 3, 0])
     assert front.tolist() == [True, True, False, True, False]
 
@@ -158,7 +183,8 @@ def test_rich_table(summary):
     console.print(*report.rich_tables(summary))
     text = console.export_text()
     assert "study 'ablation' (vit_pico on digits)" in text and "study 'other'" in text
-    assert "71.50 ± 1.00" in text and "yes (p=0.00026)" in text and "600 M" in text
+    assert "71.50 ± 1.00" in text and "yes (p=0.0066 paired; CI [-11.00, -9.00]; MDE 3.26)" in text
+    assert "600 M" in text
 
 
 def test_exports_parse(summary):
@@ -171,7 +197,14 @@ def test_exports_parse(summary):
     header = lines.index("| configuration | n | top-1 % | pre-castle % | switch cost | Δ vs base | beyond noise "
                          "| MACs | MACs saved % | params | latency ms | mem MB | Pareto | failed | pruned |")
     assert lines[header + 1].startswith("|---|---:|")
-    assert any(line.startswith("| castling | 3 | 71.50 ± 1.00 | 72.50 | +1.00 | +0.50 | no (p=") for line in lines)
+    assert any(line.startswith("| castling | 3 | 71.50 ± 1.00 | 72.50 | +1.00 | +0.50 | no (p=0.48 paired; CI [")
+               for line in lines)
+    legend = next(line for line in lines if line.startswith("top-1: test %"))
+    assert "p < 0.05 after Holm's correction" in legend and "paired t-test on the seeds both ran" in legend
+    assert "Welch" not in legend and "CI: 95% bootstrap interval (BCa, over seeds)" in legend
+    assert "MDE (under 5 seeds)" in legend
+    linear = frame[frame["label"] == "linear"].iloc[0]            # the exports keep every p
+    assert linear["p_welch"] < linear["p_raw"] < linear["p_holm"] < 0.01 and linear["test"] == "paired"
 
 
 def test_plots_written(results, summary, tmp_path):

@@ -7,7 +7,8 @@ a summary into text. Plots live in :mod:`attnbench.results.plots`.
 A configuration is one (study, label, options): a swept option makes several configurations
 of one label. Per configuration, over its complete seeds (failed and pruned rows are counted,
 never averaged in): top-1 mean and sample std (n shown), top-1 before castling, switch cost,
-the difference from the study's baseline with Welch's t-test, MACs and the reduction against
+the difference from the study's baseline with the statistics of :mod:`attnbench.results.stats`
+(paired or Welch's test, Holm's correction, bootstrap interval), MACs and the reduction against
 the baseline, parameters, latency and memory, and Pareto marks.
 """
 from __future__ import annotations
@@ -25,15 +26,14 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from attnbench.results import store
+from attnbench.results import stats, store
 from attnbench.variant import did_you_mean
 
-__all__ = ["ReportError", "BASELINE", "ALPHA", "DEFAULT_COLUMNS", "FORMATS", "load_results", "prepare_trials",
-           "summarize", "pareto_front", "welch_p", "select", "apply_filter", "check_columns", "rich_tables", "export",
+__all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "FORMATS", "load_results", "prepare_trials",
+           "summarize", "pareto_front", "select", "apply_filter", "check_columns", "rich_tables", "export",
            "html_page"]
 
 BASELINE = "softmax"   #: default baseline label (used when a study has it)
-ALPHA = 0.05           #: significance level of "beyond seed noise"
 KEYS = ["study", "label", "options"]
 FORMATS = ("table", "csv", "markdown", "json")
 #: Columns of the table, markdown and HTML views unless ``--columns`` says otherwise.
@@ -81,9 +81,14 @@ def summarize(trials: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFr
 
     Returns:
         Columns ``study, label, config, variant, options, n, failed, pruned, top1, top1_std,
-        top1_train_form, switch_cost, baseline, delta_top1, p_value, beyond_noise, macs,
-        macs_reduction_pct, params, latency_median_ms, peak_memory_mb, pareto_macs,
-        pareto_latency, pareto`` and more (means/medians of other measured columns, ``opt_*``).
+        top1_train_form, switch_cost, baseline, delta_top1, macs, macs_reduction_pct, params,
+        latency_median_ms, peak_memory_mb, pareto_macs, pareto_latency, pareto``, the comparison
+        with the baseline (:data:`attnbench.results.stats.COLUMNS`: ``test, n_pairs,
+        delta_tested, p_raw, p_welch, p_holm, delta_ci_low, delta_ci_high, prob_improvement,
+        min_detectable, beyond_noise, comparison_note``; Holm's family is the study) and more
+        (means/medians of other measured columns, ``opt_*``). ``delta_top1`` compares the
+        means over all complete seeds; ``delta_tested`` is the difference the test and interval
+        are about (over the shared seeds when paired: the same unless seeds were left out).
 
     Raises:
         ReportError: no trial rows, or an explicit ``baseline`` that no study has.
@@ -94,7 +99,8 @@ def summarize(trials: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFr
     groups = list(t.groupby(KEYS, sort=False))
     summary = pd.DataFrame([_config_row(key, group) for key, group in groups])
     summary.insert(2, "config", _config_names(summary))
-    seeds = [_complete(group)["top1"].dropna().to_numpy(float) for _, group in groups]
+    seeds = [dict(zip(done["seed"], pd.to_numeric(done["top1"], errors="coerce")))
+             for done in (_complete(group) for _, group in groups)]
     summary = _compare(summary, seeds, baseline)
     summary = _mark_pareto(summary)
     return summary.sort_values(["study", "top1"], ascending=[True, False], na_position="last",
@@ -154,36 +160,21 @@ def _config_names(summary: pd.DataFrame) -> list[str]:
     return names
 
 
-def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided p-value of Welch's t-test (unequal variances); NaN when a side has < 2 values."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    diff = a.mean() - b.mean()
-    if va + vb == 0:
-        return 0.0 if diff != 0 else 1.0
-    t = abs(diff) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    try:
-        from scipy.stats import t as student_t
-    except ImportError:  # pragma: no cover - scipy comes with scikit-learn; normal approximation
-        return math.erfc(t / math.sqrt(2))
-    return float(2 * student_t.sf(t, df))
-
-
 def _baseline_index(summary: pd.DataFrame, study: str, baseline: str) -> Optional[int]:
     rows = summary[(summary["study"] == study) & ((summary["label"] == baseline) | (summary["config"] == baseline))]
     return None if rows.empty else int(rows["n"].idxmax())
 
 
-def _compare(summary: pd.DataFrame, seeds: list[np.ndarray], baseline: Optional[str]) -> pd.DataFrame:
+def _compare(summary: pd.DataFrame, seeds: list[dict], baseline: Optional[str]) -> pd.DataFrame:
+    """``summary`` with the baseline's config, ``delta_top1``, the MACs reduction and, per study,
+    :func:`stats.compare_to_baseline` of each row's ``seeds`` (seed -> top-1)."""
     name = baseline or BASELINE
     if baseline and not ((summary["label"] == baseline) | (summary["config"] == baseline)).any():
         raise ReportError(f"--baseline '{baseline}' is not a configuration in these results"
                           f"{did_you_mean(baseline, set(summary['label']) | set(summary['config']))}")
-    out = summary.assign(baseline=None, delta_top1=math.nan, p_value=math.nan, beyond_noise="-",
-                         macs_reduction_pct=math.nan)
+    out = summary.assign(baseline=None, delta_top1=math.nan, macs_reduction_pct=math.nan,
+                         **{c: math.nan for c in stats.COLUMNS} | {"test": None, "beyond_noise": "-",
+                                                                   "comparison_note": None})
     for study in out["study"].unique():
         base = _baseline_index(out, study, name)
         if base is None:
@@ -192,12 +183,8 @@ def _compare(summary: pd.DataFrame, seeds: list[np.ndarray], baseline: Optional[
             out.at[i, "baseline"] = out.at[base, "config"]
             out.at[i, "delta_top1"] = out.at[i, "top1"] - out.at[base, "top1"]
             out.at[i, "macs_reduction_pct"] = 100.0 * (1 - out.at[i, "macs"] / out.at[base, "macs"])
-            if i == base:
-                out.at[i, "beyond_noise"] = "baseline"
-                continue
-            out.at[i, "p_value"] = welch_p(seeds[i], seeds[base])
-            out.at[i, "beyond_noise"] = ("n<2" if math.isnan(out.at[i, "p_value"])
-                                         else "yes" if out.at[i, "p_value"] < ALPHA else "no")
+        rows = out.index[out["study"] == study]
+        out.loc[rows, list(stats.COLUMNS)] = stats.compare_to_baseline({i: seeds[i] for i in rows}, base)
     return out
 
 
@@ -301,7 +288,32 @@ def _top1(row) -> str:
 
 
 def _noise(row) -> str:
-    return f"{row['beyond_noise']} (p={row['p_value']:.2g})" if not pd.isna(row["p_value"]) else row["beyond_noise"]
+    """The verdict, then Holm's p, the test, the interval and (few seeds) the detectable difference."""
+    if pd.isna(row["p_holm"]):
+        return row["beyond_noise"]
+    details = f"p={row['p_holm']:.2g} " + {"welch": "Welch"}.get(row["test"], row["test"])
+    if not pd.isna(row["delta_ci_low"]):
+        details += f"; CI [{row['delta_ci_low']:+.2f}, {row['delta_ci_high']:+.2f}]"
+    if not pd.isna(row["min_detectable"]):
+        details += f"; MDE {row['min_detectable']:.2f}"
+    return f"{row['beyond_noise']} ({details})"
+
+
+def _noise_legend(frame: pd.DataFrame) -> str:
+    """How "beyond noise" was decided, naming only the tests and numbers the rows show."""
+    tests = set(frame["test"].dropna())
+    used = [text for test, text in (("paired", "paired t-test on the seeds both ran (same seed, same split and "
+                                              "order)"), ("welch", "Welch's t-test where the seeds differ"))
+            if test in tests]
+    text = (f"beyond noise: p < {stats.ALPHA:g} after Holm's correction over the study's comparisons with the "
+            f"baseline" + "".join(f"; {text}" for text in used) + ".")
+    if frame["delta_ci_low"].notna().any():
+        text += (f" CI: {stats.CONFIDENCE:.0%} bootstrap interval (BCa, over seeds) of the difference; too narrow "
+                 f"with few seeds.")
+    if frame["min_detectable"].notna().any():
+        text += (f" MDE (under {stats.FEW_SEEDS} seeds): the smallest difference the test detects at "
+                 f"alpha {stats.ALPHA:g} with power {stats.POWER:g}, from the observed spread (noncentral t).")
+    return text
 
 
 #: column -> (header, cell formatter); other columns print as they are.
@@ -344,7 +356,7 @@ def _legend(frame: pd.DataFrame, columns: Sequence[str]) -> str:
         "top1_train_form": "pre-castle: the training form's top-1.",
         "switch_cost": "switch cost: pre-castle minus top-1, points.",
         "delta_top1": f"Δ vs base: top-1 minus baseline '{baseline}'." if baseline else "No baseline in this study.",
-        "beyond_noise": f"beyond noise: Welch's t-test against the baseline, p < {ALPHA:g}." if baseline else "",
+        "beyond_noise": _noise_legend(frame) if baseline else "",
         "macs": "MACs: per image, inference form.",
         "macs_reduction_pct": "MACs saved: against the baseline.",
         "peak_memory_mb": "mem: peak memory of inference.",
