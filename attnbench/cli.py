@@ -290,10 +290,9 @@ def report_command(results_dir: Path, studies, labels, variants, filters, sort, 
     from attnbench.results import report
 
     try:
-        loaded = report.load_store(results_dir, strict=strict)
+        loaded = report.load_store(results_dir, strict=strict,
+                                   on_skip=lambda skipped: _show_warning(skipped, UserWarning, "", 0))
         trials, bench = loaded.trials, loaded.bench
-        for skipped in loaded.skipped:
-            _show_warning(skipped, UserWarning, "", 0)
         if loaded.skipped:
             _show_warning(f"{len(loaded.skipped)} result file(s) under '{results_dir}' skipped (--strict to fail "
                           f"instead)", UserWarning, "", 0)

@@ -68,11 +68,13 @@ class Results(typing.NamedTuple):
     skipped: list
 
 
-def load_store(results: str | Path, strict: bool = False) -> Results:
+def load_store(results: str | Path, strict: bool = False,
+               on_skip: Optional[Callable[[store.SkippedFile], None]] = None) -> Results:
     """The trial rows and benchmark rows under ``results``, and the files skipped.
 
     Args:
         strict: fail on an unreadable, foreign or other-version file instead of skipping it.
+        on_skip: called with each skipped file, before any error is raised.
 
     Raises:
         ReportError: a missing folder, no rows at all, or (``strict``) a file that cannot be read.
@@ -85,6 +87,8 @@ def load_store(results: str | Path, strict: bool = False) -> Results:
     except store.StoreError as err:
         raise ReportError(str(err)) from None
     rows = contents.rows
+    for skipped in contents.skipped if on_skip else ():
+        on_skip(skipped)
     if rows.empty:
         skipped = f" ({len(contents.skipped)} unreadable file(s) skipped)" if contents.skipped else ""
         raise ReportError(f"no result rows under '{root}'{skipped}: run `attnbench sweep EXPERIMENT.yaml` or "
