@@ -11,10 +11,12 @@ after another. Reported: the median over processes of the per-process medians, t
 within-process IQR (median over processes) and the spread across processes ((max - min) /
 median of the process medians).
 
-Implementation (``ops``): the kernels of the built-in variants run as ``compile`` by default
-(the fast paths under ``torch.compile``, falling back to eager ``fast`` with a warning where
-compiling fails), since SDPA, the baseline, is a fused kernel too; ``fast`` or ``reference``
-on request. Each timing and memory process compiles each shape once, in its untimed warm-up.
+Implementation (``ops``, :mod:`attnbench.kernels`): variants that offer several kernels run
+``compile`` by default (the fast paths under ``torch.compile``, falling back to eager ``fast``
+with a warning where compiling fails), since SDPA, the baseline, is a fused kernel too; ``fast``
+or ``reference`` on request. Each timing and memory process compiles each shape once, in its
+untimed warm-up. Every row records what was asked (``kernel_requested``) and what really ran
+for its variant (``kernel_implementation``, ``n/a`` for a variant with a single implementation).
 
 Rows go to the result store (:mod:`attnbench.results.store`, ``kind="benchmark"``) with the
 environment; a PNG shows latency and MACs against tokens on log-log axes.
@@ -36,9 +38,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from attnbench import measure, registry
+from attnbench import kernels, measure, provenance, registry
 from attnbench.variant import AttentionVariant
-from attnbench_variants.ops import IMPLS, set_impl
 
 __all__ = ["BenchConfig", "BenchError", "BenchResult", "build_module", "crossover", "run_benchmark",
            "parse_tokens", "parse_variants", "render"]
@@ -69,8 +70,8 @@ class BenchConfig:
         device: ``cpu`` or ``cuda``.
         out: result store root; rows and the plot go to ``out/benchmarks/``.
         memory: measure peak memory (a child process on CPU).
-        ops: implementation of the built-in kernels (:mod:`attnbench_variants.ops`):
-            ``compile`` (default), ``fast`` or ``reference``.
+        ops: kernel implementation requested (:mod:`attnbench.kernels`): ``compile``
+            (default), ``fast`` or ``reference``.
     """
 
     variants: tuple[str, ...]
@@ -116,8 +117,8 @@ class BenchConfig:
             if bad:
                 raise BenchError(f"--level model needs token counts N = s*s + 1 (s*s patches + class token), "
                                  f"e.g. 65, 197, 785, 3137; got {', '.join(map(str, bad))}")
-        if self.ops not in IMPLS:
-            raise BenchError(f"--ops must be one of {', '.join(IMPLS)}, got {self.ops!r}")
+        if self.ops not in kernels.IMPLEMENTATIONS:
+            raise BenchError(f"--ops must be one of {', '.join(kernels.IMPLEMENTATIONS)}, got {self.ops!r}")
         if self.device not in ("cpu", "cuda"):
             raise BenchError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -197,9 +198,9 @@ def _build(config: BenchConfig, variant: str, tokens: int) -> nn.Module:
 
 
 def _use_ops(ops: str, shapes: int) -> None:
-    """Run this process's built-in kernels as ``ops``; with ``compile``, let Dynamo compile each
+    """Run this (worker) process's kernels as ``ops``; with ``compile``, let Dynamo compile each
     of ``shapes`` shapes (its default limit of 8 per function would time the rest eager)."""
-    set_impl(ops)
+    kernels.set_process_default(ops)
     if ops == "compile":
         import torch._dynamo.config as dynamo_config
 
@@ -242,19 +243,14 @@ def _worker_main() -> int:
         print(json.dumps({"progress": done, "total": total}), flush=True)
 
     result = _time_in_this_process(config, report)
-    print(json.dumps({"result": result, "ops": _ops_that_ran(config.ops)}), flush=True)
+    ran = {variant: kernels.implementation_of(registry.get_variant(variant), config.ops)
+           for variant in config.variants}
+    print(json.dumps({"result": result, "kernels": ran}), flush=True)
     return 0
 
 
-def _ops_that_ran(ops: str) -> str:
-    """``ops``, or ``fast`` where ``compile`` fell back to it in this process."""
-    from attnbench_variants.ops.linear_angular import compile_fell_back
-
-    return "fast" if ops == "compile" and compile_fell_back() else ops
-
-
-def _run_worker(config: BenchConfig, index: int, on_progress=None) -> tuple[dict[str, dict], str]:
-    """One timing process: (key -> latency dict, the implementation that ran)."""
+def _run_worker(config: BenchConfig, index: int, on_progress=None) -> tuple[dict[str, dict], dict[str, str]]:
+    """One timing process: (key -> latency dict, variant -> the kernel implementation that ran)."""
     command = [sys.executable, "-m", "attnbench.bench", "--worker"]
     with tempfile.TemporaryFile(mode="w+") as errors:
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
@@ -270,14 +266,14 @@ def _run_worker(config: BenchConfig, index: int, on_progress=None) -> tuple[dict
             if "progress" in message and on_progress is not None:
                 on_progress(message["progress"], message["total"])
             elif "result" in message:
-                result, ops = message["result"], message["ops"]
+                result, ran = message["result"], message["kernels"]
         code = proc.wait()
         if code != 0 or result is None:
             errors.seek(0)
             lines = [line for line in errors.read().strip().splitlines() if line.strip()]
             last = lines[-1] if lines else f"exit code {code}"
             raise BenchError(f"timing process {index + 1} failed: {last}")
-    return result, ops
+    return result, ran
 
 
 # --------------------------------------------------------------------------------- analysis
@@ -318,8 +314,9 @@ class BenchResult:
 
 
 def _aggregate(config: BenchConfig, processes: list[dict[str, dict]], static: dict[str, dict],
-               env: dict[str, Any], run_id: str) -> tuple[list[dict], dict]:
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+               env: dict[str, Any], run_id: str, ran: dict[str, str]) -> tuple[list[dict], dict]:
+    """Rows (columns: :mod:`attnbench.results.schema`) and crossovers; ``ran``: variant -> kernel that ran."""
+    created = datetime.datetime.now(datetime.timezone.utc)
     rows = []
     for tokens in config.tokens:
         for variant in config.variants:
@@ -328,11 +325,12 @@ def _aggregate(config: BenchConfig, processes: list[dict[str, dict]], static: di
             median = statistics.median(medians)
             row = {
                 "kind": "benchmark", "run_id": run_id, "created_at": created, "level": config.level,
-                "variant": variant, "tokens": tokens, "dim": config.dim, "heads": config.heads,
+                **provenance.variant_columns(variant, {}, config.ops), "kernel_implementation": ran[variant],
+                "tokens": tokens, "dim": config.dim, "heads": config.heads,
                 "depth": config.depth if config.level == "model" else None,
                 "patch_size": config.patch if config.level == "model" else None,
-                "batch": config.batch, "processes": len(processes), "samples_per_process": config.samples,
-                "warmup_calls": config.warmup, "ops": config.ops,
+                "measure_batch": config.batch, "processes": len(processes), "samples_per_process": config.samples,
+                "warmup_calls": config.warmup,
                 **static[key],
                 "latency_median_ms": median,
                 "latency_iqr_ms": statistics.median(p[key]["iqr_ms"] for p in processes),
@@ -414,7 +412,7 @@ def _run(config: BenchConfig, env: dict[str, Any], progress, write: bool) -> Ben
             raise BenchError(f"{variant} at {tokens} tokens: {err}") from None
         layers = [m for m in module.modules() if isinstance(m, AttentionVariant)]
         analytic = sum(layer.macs(tokens) for layer in layers)
-        static[_key(variant, tokens)] = {"macs": macs, "attn_macs_analytic": analytic,
+        static[_key(variant, tokens)] = {"macs": macs, "attention_macs": analytic,
                                          "params": measure.count_params(module)}
         step()
 
@@ -424,25 +422,30 @@ def _run(config: BenchConfig, env: dict[str, Any], progress, write: bool) -> Ben
 
         jobs = [(functools.partial(_build_under, config.ops, len(pairs), config.level, v, config.dim, config.heads, n, config.depth,
                                    config.patch), (config.batch, *input_shape(config, n))) for v, n in pairs]
+        previous = kernels.set_process_default(config.ops)   # CUDA measures here; the setting is put back
         try:
             memories = measure.peak_memory_many(jobs, device=config.device, threads=threads)
         except RuntimeError as err:
             raise BenchError(str(err)) from None
+        finally:
+            kernels.set_process_default(previous)
         for (variant, tokens), memory in zip(pairs, memories):
-            static[_key(variant, tokens)].update(peak_mem_bytes=memory.peak_bytes,
-                                                 forward_mem_bytes=memory.forward_bytes, mem_method=memory.method)
+            static[_key(variant, tokens)].update(forward_memory_mb=memory.forward_bytes / 2**20,
+                                                 process_peak_memory_mb=memory.peak_bytes / 2**20,
+                                                 memory_method=memory.method)
         step()
 
-    processes, ran = [], set()
+    processes, ran = [], {variant: set() for variant in config.variants}
     for index in range(config.repeats):
         step = task(f"timing, process {index + 1}/{config.repeats}", len(pairs) * config.samples)
-        latencies, ops = _run_worker(config, index, lambda done, total: step(completed=done))
+        latencies, kernels_ran = _run_worker(config, index, lambda done, total: step(completed=done))
         processes.append(latencies)
-        ran.add(ops)
-    if ran != {config.ops}:   # compiling failed in a worker: the rows say what was timed
-        config = dataclasses.replace(config, ops="+".join(sorted(ran)))
+        for variant, implementation in kernels_ran.items():
+            ran[variant].add(implementation)
+    # Where compiling fell back in some processes only, the row names both ('compile+fast').
+    labels = {variant: "+".join(sorted(found)) for variant, found in ran.items()}
 
-    rows, crossovers = _aggregate(config, processes, static, env, run_id)
+    rows, crossovers = _aggregate(config, processes, static, env, run_id, labels)
     result = BenchResult(config, rows, crossovers)
     if write:
         from attnbench.results import store  # lazy: timing workers need no pandas
@@ -504,6 +507,7 @@ def _si(value: Optional[float]) -> str:
 
 def render(result: BenchResult) -> list:
     """Rich renderables: the results table, one crossover line per variant, a load warning."""
+    from rich.markup import escape
     from rich.table import Table
 
     config = result.config
@@ -521,19 +525,24 @@ def render(result: BenchResult) -> list:
         speed = row.get("speedup_vs_softmax")
         ms = row["latency_median_ms"]
         iqr_pct = 100.0 * row["latency_iqr_ms"] / ms if ms else math.nan
-        mem = row.get("forward_mem_bytes")
-        table.add_row(row["variant"], str(row["tokens"]), _si(row["macs"]), _si(row["attn_macs_analytic"]),
+        mem = row.get("forward_memory_mb")
+        table.add_row(escape(row["variant"]), str(row["tokens"]), _si(row["macs"]), _si(row["attention_macs"]),
                       _si(row["params"]), f"{ms:.3g}" if ms < 100 else f"{ms:.0f}", f"{iqr_pct:.0f}%",
                       f"{row['latency_spread_pct']:.0f}%", "-" if speed is None else f"{speed:.2f}x",
-                      "-" if mem is None else f"{mem / 2**20:.1f}")
+                      "-" if mem is None else f"{mem:.1f}")
     lines = [table]
+    other = {r["variant"]: r["kernel_implementation"] for r in result.rows
+             if r["kernel_implementation"] not in (config.ops, kernels.SINGLE)}
+    if other:
+        lines.append(escape(f"kernels: asked for {config.ops}; ran "
+                            + ", ".join(f"{v}: {k}" for v, k in other.items())))
     if BASELINE not in config.variants:
         lines.append("crossover: not computed (add softmax to --variants as the baseline)")
     for variant, (value, note) in result.crossovers.items():
         where = f"~{value:,.0f} tokens" if value is not None else (
             f"below range (already faster at {config.tokens[0]} tokens)" if note == "below range"
             else f"none in range ({config.tokens[0]}..{config.tokens[-1]} tokens)")
-        lines.append(f"crossover, {variant} faster than softmax: {where}")
+        lines.append(escape(f"crossover, {variant} faster than softmax: {where}"))
     load = result.rows[0].get("load_avg_1m") if result.rows else None
     if config.device == "cpu" and load is not None and load > 0.5:
         lines.append(f"[yellow]note:[/] the machine was busy when the benchmark started (1-min load {load:.1f} "

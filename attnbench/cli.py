@@ -10,22 +10,23 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from attnbench import allocator, registry
+from attnbench import allocator, kernels, registry
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 def fail(message: str) -> "NoReturn":  # noqa: F821
-    """Print ``error: message`` on stderr and exit 2."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` on stderr and exit 2 (the message is shown as written, never as markup)."""
+    err_console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     sys.exit(2)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 @click.group()
@@ -33,6 +34,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main() -> None:
     """Benchmark and ablate attention variants inside timm vision transformers."""
     warnings.showwarning = _show_warning
+    try:
+        kernels.requested()   # a bad ATTNBENCH_OPS is one line now, not a traceback mid-sweep
+    except ValueError as err:
+        fail(str(err))
     allocator.tune_malloc()   # training steps stop faulting their buffers back in (ATTNBENCH_MALLOC=system: off)
 
 
@@ -54,7 +59,7 @@ def variants_command(check: bool) -> None:
             failed += 1
             continue
         options = "\n".join(spec.describe() for spec in info.options) or "-"
-        row = [name, info.distribution, options, info.description]
+        row = [escape(name), escape(info.distribution), escape(options), escape(info.description)]
         if check:
             row.append(_conformance_cell(name))
             failed += not row[-1].startswith("[green]")
@@ -71,7 +76,7 @@ def _conformance_cell(name: str) -> str:
     failures = [r for r in results if not r.passed]
     if not failures:
         return f"[green]{len(results)}/{len(results)} passed[/]"
-    return "[red]" + "\n".join(f"{r.check}: {r.message}" for r in failures) + "[/]"
+    return "[red]" + "\n".join(escape(f"{r.check}: {r.message}") for r in failures) + "[/]"
 
 
 @main.command("sweep")
@@ -121,10 +126,10 @@ def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index
         fail(f"{experiment.source}: field 'data': {err}")
     except sweep.StorageError as err:
         fail(str(err))
-    console.print(f"study [bold]{summary.study}[/]: {summary.done} trials finished "
-                  f"({summary.failed} failed), {summary.ran_here} run now; rows in {summary.results}/trials; "
-                  f"storage {summary.storage}")
-    console.print(f"next: [bold]attnbench report --results {results_dir}[/]")
+    console.print(f"study [bold]{escape(summary.study)}[/]: {summary.done} trials finished "
+                  f"({summary.failed} failed), {summary.ran_here} run now; "
+                  + escape(f"rows in {summary.results}/trials; storage {summary.storage}"))
+    console.print(f"next: [bold]{escape(f'attnbench report --results {results_dir}')}[/]")
 
 
 def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, device: str, workers: int,
@@ -163,21 +168,21 @@ def _print_plan(experiment) -> None:
         arch, rows = sweep.plan(experiment)
     except DataError as err:
         fail(f"{experiment.source}: field 'data': {err}")
-    table = Table(title=f"plan of study '{experiment.name}' ({experiment.source})")
+    table = Table(title=escape(f"plan of study '{experiment.name}' ({experiment.source})"))
     for column in ("configuration", "variant", "options", "tokens", "MACs (inference)", "attention MACs", "params"):
         table.add_column(column, overflow="fold")
     for config, costs in rows:
-        table.add_row(config.label, config.variant, json.dumps(config.options, sort_keys=True),
+        table.add_row(escape(config.label), escape(config.variant), escape(json.dumps(config.options, sort_keys=True)),
                       str(costs["num_tokens"]), f"{costs['macs']:,}", f"{costs['attention_macs']:,}",
                       f"{costs['params']:,}")
     console.print(table)
     n_trials = experiment.n_trials()
     continuous = "" if experiment.plan() else \
         f" (continuous search space: configurations sampled by {experiment.sampler})"
-    console.print(f"{n_trials if n_trials is not None else 'time-limited'} trials x {len(experiment.seeds)} seeds "
+    console.print(escape(f"{n_trials if n_trials is not None else 'time-limited'} trials x {len(experiment.seeds)} seeds "
                   f"{list(experiment.seeds)}; sampler {experiment.sampler}; objectives "
                   f"{', '.join(f'{o.direction} {o.metric}' for o in experiment.objectives)}; model {arch} "
-                  f"on {experiment.dataset}{continuous}")
+                  f"on {experiment.dataset}{continuous}"))
 
 
 class RichSweepDisplay:
@@ -189,7 +194,7 @@ class RichSweepDisplay:
         self.experiment = experiment
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err_console)
-        self.task = self.progress.add_task(f"sweep {experiment.name}", total=None, status="")
+        self.task = self.progress.add_task(escape(f"sweep {experiment.name}"), total=None, status="")
 
     def __enter__(self):
         self.progress.start()
@@ -201,10 +206,10 @@ class RichSweepDisplay:
     def update(self, study, state, target) -> None:
         best = self._best(study)
         status = f"running {state.running}  failed {state.failed}" + (f"  best {best}" if best else "")
-        self.progress.update(self.task, completed=state.done, total=target, status=status)
+        self.progress.update(self.task, completed=state.done, total=target, status=escape(status))
 
     def log(self, message: str) -> None:
-        self.progress.console.print(f"[red]{message}[/]", highlight=False)
+        self.progress.console.print(f"[red]{escape(message)}[/]", highlight=False)
 
     def _best(self, study) -> str:
         try:
@@ -254,7 +259,7 @@ def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, thre
         fail(str(err))
     for item in bench.render(result):
         console.print(item)
-    console.print(f"rows: {result.rows_path}\nplot: {result.plot_path}", highlight=False)
+    console.print(escape(f"rows: {result.rows_path}\nplot: {result.plot_path}"), highlight=False)
 
 
 @main.command("report")
@@ -277,13 +282,20 @@ def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, thre
 @click.option("--no-plots", is_flag=True, help="Write no PNG plots.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write one HTML page with the tables and the plots embedded.")
+@click.option("--strict", is_flag=True,
+              help="Fail on a result file that cannot be read, instead of skipping it with a warning.")
 def report_command(results_dir: Path, studies, labels, variants, filters, sort, desc, columns, baseline, fmt, out,
-                   plots_dir, no_plots, html_file) -> None:
+                   plots_dir, no_plots, html_file, strict) -> None:
     """Tables, Pareto fronts and plots: one row per configuration, mean ± std over seeds."""
     from attnbench.results import report
 
     try:
-        trials, bench = report.load_results(results_dir)
+        loaded = report.load_store(results_dir, strict=strict,
+                                   on_skip=lambda skipped: _show_warning(skipped, UserWarning, "", 0))
+        trials, bench = loaded.trials, loaded.bench
+        if loaded.skipped:
+            _show_warning(f"{len(loaded.skipped)} result file(s) under '{results_dir}' skipped (--strict to fail "
+                          f"instead)", UserWarning, "", 0)
         if trials.empty and fmt != "table":
             raise report.ReportError(f"no trial rows under '{results_dir}' to export (only benchmark rows)")
         frame = trials if trials.empty else report.select(report.summarize(trials, baseline), studies, labels,
@@ -294,7 +306,7 @@ def report_command(results_dir: Path, studies, labels, variants, filters, sort, 
         fail(str(err))
     notes = err_console if fmt != "table" and out is None else console
     if trials.empty:
-        notes.print(f"no trial rows under '{results_dir}': no table, plots from benchmark rows only")
+        notes.print(escape(f"no trial rows under '{results_dir}': no table, plots from benchmark rows only"))
     elif frame.empty:
         fail("no configuration matches --study/--label/--variant/--filter")
     elif fmt == "table":
@@ -305,7 +317,7 @@ def report_command(results_dir: Path, studies, labels, variants, filters, sort, 
     else:
         click.echo(report.export(frame, fmt, chosen), nl=False)
     if out is not None:
-        notes.print(f"{fmt}: {out}", highlight=False)
+        notes.print(escape(f"{fmt}: {out}"), highlight=False)
     bench = bench[bench["variant"].isin(variants)] if variants and "variant" in bench else bench
     _report_plots(frame, trials, bench, None if no_plots else plots_dir or results_dir / "plots", html_file,
                   chosen or report.DEFAULT_COLUMNS, notes)
@@ -334,10 +346,10 @@ def _report_plots(frame, trials, bench, plots_dir, html_file, columns, notes) ->
         if html_file is not None:
             html_file.parent.mkdir(parents=True, exist_ok=True)
             html_file.write_text(report.html_page(frame, columns, images))
-            notes.print(f"html: {html_file}", highlight=False)
+            notes.print(escape(f"html: {html_file}"), highlight=False)
     if plots_dir is not None:
         names = ", ".join(p.name for p in images) or "none (no data to plot)"
-        notes.print(f"plots in {plots_dir}/: {names}", highlight=False)
+        notes.print(escape(f"plots in {plots_dir}/: {names}"), highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

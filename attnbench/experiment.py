@@ -31,21 +31,15 @@ from typing import Any, Optional, Union
 import yaml
 
 from attnbench.registry import VariantError, get_variant, list_variants
+from attnbench.results.schema import OBJECTIVES
 from attnbench.variant import OptionSpec, did_you_mean, option_specs, parse_options
 
 __all__ = ["Experiment", "ExperimentError", "ParamSpec", "VariantConfig", "Objective", "MeasureSpec",
            "load_experiment", "parse_experiment", "METRICS", "SAMPLERS"]
 
-#: Objective metrics a trial reports (means over seeds), with their natural direction.
-METRICS = {
-    "top1": "maximize",               # test top-1 after castling (the inference form), %
-    "top1_train_form": "maximize",    # test top-1 with the training form (before castling), %
-    "switch_cost": "minimize",        # top1_train_form - top1, points
-    "macs": "minimize",               # MACs of one image, inference form
-    "params": "minimize",
-    "latency_ms": "minimize",
-    "peak_memory_mb": "minimize",
-}
+#: Objective metrics a trial reports (means over seeds), with their natural direction: the
+#: result columns that may be objectives (attnbench.results.schema.OBJECTIVES).
+METRICS = {name: objective.direction for name, objective in OBJECTIVES.items()}
 SAMPLERS = ("grid", "tpe", "nsga2", "random")
 CONFIG_PARAM = "config"   # the Optuna parameter that picks one of several listed configurations
 DATA_PREFIX = "data."     # search keys naming a data set option (e.g. ``data.img_size``), not a variant's
@@ -293,6 +287,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
     if storage is not None:
         storage = r.string(storage, "storage")
     measure = _measure(r, top.get("measure"))
+    _objectives_measured(r, objectives, measure)
     max_macs = _constraints(r, top.get("constraints"))
 
     experiment = Experiment(
@@ -533,6 +528,14 @@ def _objectives(r: _Reader, raw: Any) -> tuple[Objective, ...]:
     if len({o.metric for o in out}) != len(out):
         r.fail("objectives", "a metric is listed twice")
     return tuple(out)
+
+
+def _objectives_measured(r: _Reader, objectives: tuple[Objective, ...], measure: MeasureSpec) -> None:
+    """An objective whose column needs a ``measure`` switch that is off could never be produced."""
+    for i, objective in enumerate(objectives):
+        switch = OBJECTIVES[objective.metric].measured_by
+        if switch is not None and not getattr(measure, switch):
+            r.fail(f"objectives[{i}].metric", f"'{objective.metric}' is measured only with 'measure.{switch}: true'")
 
 
 def _budget(r: _Reader, raw: Any) -> tuple[Optional[int], Optional[float]]:

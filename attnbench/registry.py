@@ -29,7 +29,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "attnbench.variants"
 BUILTIN_DISTRIBUTION = "attnbench"
-LOCAL_DISTRIBUTION = "(registered in-process)"
+LOCAL_DISTRIBUTION = "in-process"   # the distribution of a variant added by register_variant
 
 
 class VariantError(ValueError):
@@ -42,6 +42,7 @@ class _Entry:
     distribution: str
     target: str
     load: Callable[[], Any]
+    version: Optional[str] = None   # the distribution's version (None in-process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class VariantInfo:
     distribution: str
     target: str
     cls: type[AttentionVariant]
+    version: Optional[str] = None   #: the distribution's version (None for in-process variants)
 
     @property
     def description(self) -> str:
@@ -108,7 +110,7 @@ def _discover() -> dict[str, list[_Entry]]:
             seen.add(key)
             for ep in dist.entry_points:
                 if ep.group == ENTRY_POINT_GROUP:
-                    found.setdefault(ep.name, []).append(_Entry(ep.name, dist_name, ep.value, ep.load))
+                    found.setdefault(ep.name, []).append(_Entry(ep.name, dist_name, ep.value, ep.load, dist.version))
         for name, entries in found.items():
             if len(entries) > 1:
                 _warn_conflict(name, entries)
@@ -194,9 +196,9 @@ def get_variant(name: str) -> type[AttentionVariant]:
 
 
 def variant_info(name: str) -> VariantInfo:
-    """Name, distribution, entry-point target and class of a variant."""
+    """Name, distribution, entry-point target, class and distribution version of a variant."""
     entry = _resolve(name)
-    return VariantInfo(entry.name, entry.distribution, entry.target, get_variant(name))
+    return VariantInfo(entry.name, entry.distribution, entry.target, get_variant(name), entry.version)
 
 
 def variant_class(variant: Union[str, type[AttentionVariant]], **options) -> type[AttentionVariant]:

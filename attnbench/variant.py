@@ -170,6 +170,9 @@ class AttentionVariant(nn.Module):
     _bound_options: ClassVar[dict[str, Any]] = {}
     #: Whether ``forward`` honours ``attn_mask``; others refuse a mask rather than ignore it.
     supports_attn_mask: ClassVar[bool] = False
+    #: Kernel implementations the variant offers (a subset of ``attnbench.kernels.IMPLEMENTATIONS``,
+    #: its default first), dispatching on ``attnbench.kernels.requested()``; ``()``: only one.
+    kernel_implementations: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -204,6 +207,19 @@ class AttentionVariant(nn.Module):
         self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def kernel_ran(cls, requested: str) -> str:
+        """The implementation this variant runs when ``requested`` is asked for (in this process).
+
+        ``"n/a"`` (``attnbench.kernels.SINGLE``) without alternatives; an implementation it does
+        not offer runs its default. Override to report a fallback (e.g. compiling failed).
+        """
+        from attnbench import kernels
+
+        if not cls.kernel_implementations:
+            return kernels.SINGLE
+        return requested if requested in cls.kernel_implementations else cls.kernel_implementations[0]
 
     @classmethod
     def description(cls) -> str:

@@ -27,8 +27,9 @@ def test_aggregate_medians_spread_and_crossover():
                   "softmax|400": (8.0, 8.8, 8.4), "linear|400": (4.0, 4.4, 4.2)}
     processes = [{key: {"median_ms": ms[i], "iqr_ms": 0.1 * (i + 1)} for key, ms in process_ms.items()}
                  for i in range(3)]
-    static = {key: {"macs": 1, "attn_macs_analytic": 1, "params": 1} for key in process_ms}
-    rows, crossovers = bench._aggregate(config, processes, static, {"threads": 2}, "run")
+    static = {key: {"macs": 1, "attention_macs": 1, "params": 1} for key in process_ms}
+    rows, crossovers = bench._aggregate(config, processes, static, {"threads": 2}, "run",
+                                        {"softmax": "n/a", "linear": "n/a"})
     row = {(r["variant"], r["tokens"]): r for r in rows}
     soft = row[("softmax", 100)]
     assert soft["latency_median_ms"] == 1.0 and soft["latency_iqr_ms"] == pytest.approx(0.2)
@@ -70,11 +71,13 @@ def test_cli_tiny_run_writes_rows_and_plot(tmp_path):
     rows = store.read_rows(out, kind="benchmark")
     assert len(rows) == 4 and set(rows["variant"]) == {"softmax", "linear-angular"}
     assert set(rows["tokens"]) == {17, 65} and (rows["processes"] == 1).all() and (rows["threads"] == 1).all()
-    assert (rows["ops"] == "fast").all()
-    for column in ("macs", "attn_macs_analytic", "params", "latency_median_ms", "latency_iqr_ms",
-                   "latency_spread_pct", "peak_mem_bytes", "forward_mem_bytes", "torch_version", "cpu_model",
-                   "git_commit", "crossover_note"):
-        assert column in rows.columns, column
+    assert (rows["kernel_requested"] == "fast").all()
+    kernel = dict(zip(rows["variant"], rows["kernel_implementation"]))
+    assert kernel == {"softmax": "n/a", "linear-angular": "fast"}   # softmax has one implementation
+    for column in ("macs", "attention_macs", "params", "latency_median_ms", "latency_iqr_ms",
+                   "latency_spread_pct", "process_peak_memory_mb", "forward_memory_mb", "torch_version", "cpu_model",
+                   "crossover_note", "attnbench_version", "variant_distribution", "options"):
+        assert rows[column].notna().all(), column
     assert (rows["latency_median_ms"] > 0).all() and (rows["macs"] > 0).all()
     assert (rows["latency_min_ms"] <= rows["latency_max_ms"]).all()
     plots = list((out / "benchmarks").glob("bench-*.png"))
@@ -90,7 +93,9 @@ def test_cli_default_run_is_compiled_and_its_rows_say_so(tmp_path):
     assert result.exit_code == 0, result.output
     assert "ops compile" in result.output
     rows = store.read_rows(out, kind="benchmark")
-    assert (rows["ops"] == "compile").all() and (rows["latency_median_ms"] > 0).all()
+    assert (rows["kernel_requested"] == "compile").all() and (rows["latency_median_ms"] > 0).all()
+    kernel = dict(zip(rows["variant"], rows["kernel_implementation"]))
+    assert kernel == {"softmax": "n/a", "linear-angular": "compile"}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -110,9 +115,15 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
 
 
 def test_rows_name_the_eager_path_where_compiling_fell_back(monkeypatch):
+    from attnbench import kernels, registry
     from attnbench_variants.ops import linear_angular as la
 
-    monkeypatch.setattr(la, "_compile_failed", True)
-    assert bench._ops_that_ran("compile") == "fast" and bench._ops_that_ran("reference") == "reference"
-    monkeypatch.setattr(la, "_compile_failed", False)
-    assert bench._ops_that_ran("compile") == "compile"
+    for name in ("linear-angular", "castling"):
+        cls = registry.get_variant(name)
+        monkeypatch.setattr(la, "_compile_failed", True)
+        assert kernels.implementation_of(cls, "compile") == "fast"
+        assert kernels.implementation_of(cls, "reference") == "reference"
+        monkeypatch.setattr(la, "_compile_failed", False)
+        assert kernels.implementation_of(cls, "compile") == "compile"
+    # a variant without alternatives never inherits another's label
+    assert kernels.implementation_of(registry.get_variant("softmax"), "compile") == kernels.SINGLE

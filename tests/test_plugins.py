@@ -174,6 +174,10 @@ def test_example_plugin_is_swept_over_its_option_and_reported(hydra_site, tmp_pa
     rows = store.read_rows(tmp_path / "results" / "hydra-plugin", kind="trial")
     assert len(rows) == 2 and set(rows["status"]) == {"complete"}, rows[["status", "error"]]
     assert set(rows["variant"]) == {"hydra"}
+    # the row names the plugin distribution and version that provided the variant
+    assert set(rows["variant_distribution"]) == {"attnbench-hydra"}
+    assert set(rows["variant_distribution_version"]) == {"0.1.0"}
+    assert set(rows["kernel_implementation"]) == {"n/a"}   # hydra offers one implementation
     assert sorted(json.loads(o)["normalize"] if isinstance(o, str) else o["normalize"]
                   for o in rows["options"]) == ["all", "head"]
 

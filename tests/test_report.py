@@ -30,7 +30,7 @@ def _trial(study, label, seed, top1, train_form, macs, latency, **extra):
             "variant": variant, "options": "{}", "status": "complete", "error": None, "top1": top1,
             "top1_train_form": train_form, "switch_cost": None if top1 is None else train_form - top1,
             "checkpoint": "best_val",
-            "macs": int(macs), "params": 5_000_000, "latency_median_ms": latency, "peak_memory_mb": 100.0,
+            "macs": int(macs), "params": 5_000_000, "latency_median_ms": latency, "forward_memory_mb": 100.0,
             "arch": "vit_pico", "dataset": "digits", **extra}
 
 
@@ -149,8 +149,8 @@ def test_pareto_marks(summary):
 
 
 def test_swept_options_are_separate_configurations(tmp_path):
-    rows = [_trial("s", "castling", seed, top1, top1, 1e8, 1.0) | {"options": json.dumps({"end": end}),
-                                                                  "opt_end": end}
+    # opt_* summary columns come from the stored options JSON
+    rows = [_trial("s", "castling", seed, top1, top1, 1e8, 1.0) | {"options": json.dumps({"end": end})}
             for end, top1 in ((0.5, 70.0), (0.9, 75.0)) for seed in (0, 1)]
     store.write_rows(tmp_path, rows, "t")
     summary = report.summarize(report.load_results(tmp_path)[0])
@@ -195,7 +195,7 @@ def test_exports_parse(summary):
     markdown = report.export(summary, "markdown")
     lines = markdown.splitlines()
     header = lines.index("| configuration | n | top-1 % | pre-castle % | switch cost | Δ vs base | beyond noise "
-                         "| MACs | MACs saved % | params | latency ms | mem MB | Pareto | failed | pruned |")
+                         "| MACs | MACs saved % | params | latency ms | mem MiB | Pareto | failed | pruned |")
     assert lines[header + 1].startswith("|---|---:|")
     assert any(line.startswith("| castling | 3 | 71.50 ± 1.00 | 72.50 | +1.00 | +0.50 | no (p=0.48 paired; CI [")
                for line in lines)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench.variant import AttentionVariant
-from attnbench_variants.ops.linear_angular import linear_angular
+from attnbench_variants.ops.linear_angular import compile_fell_back, linear_angular
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,12 @@ class LinearAngularAttention(AttentionVariant):
     """Linear-angular attention (official Castling-ViT inference block): 0.5 v + q^(k^^T v)/pi, normalised, + DWConv."""
 
     Options = LinearAngularOptions
+    kernel_implementations = ("fast", "reference", "compile")
+
+    @classmethod
+    def kernel_ran(cls, requested: str) -> str:
+        ran = super().kernel_ran(requested)
+        return "fast" if ran == "compile" and compile_fell_back() else ran
 
     def __init__(self, dim: int, num_heads: int = 8, **kwargs):
         super().__init__(dim, num_heads=num_heads, **kwargs)
@@ -70,8 +76,8 @@ class LinearAngularAttention(AttentionVariant):
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """normalize(linear term of the angular kernel applied to v) + residual(v).
 
-        Runs the implementation selected in :mod:`attnbench_variants.ops` (fast by default, the
-        plain reference with ``use_impl("reference")``).
+        Runs the implementation selected by :mod:`attnbench.kernels` (fast by default, the
+        plain reference with ``kernels.use("reference")``).
         """
         return linear_angular(q, k, v, **self.core_options(v))
 

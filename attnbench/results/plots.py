@@ -13,11 +13,14 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from attnbench.results import schema
 from attnbench.results.report import KEYS, prepare_trials
 
 __all__ = ["write_plots", "pareto_plot", "scaling_plot", "mask_curves", "mask_density_plot"]
 
-_SETUP = ("level", "dim", "heads", "depth", "batch", "device", "threads")
+_SETUP = schema.names("level", "dim", "heads", "depth", "measure_batch", "device", "threads", "kernel_implementation")
+_MACS, _LATENCY, _VARIANT, _TOKENS, _CURVE = schema.names("macs", "latency_median_ms", "variant", "tokens",
+                                                          "mask_density_curve")
 
 
 def _figure(panels: int):
@@ -41,8 +44,8 @@ def _slug(text: str) -> str:
 
 def pareto_plot(summary: pd.DataFrame, path: Path) -> Optional[Path]:
     """Top-1 (mean, bars = std over seeds) against MACs and against latency; the front highlighted."""
-    costs = [(c, label, front) for c, label, front in (("macs", "MACs per image (inference form)", "pareto_macs"),
-                                                       ("latency_median_ms", "latency, ms (median)", "pareto_latency"))
+    costs = [(c, label, front) for c, label, front in ((_MACS, "MACs per image (inference form)", "pareto_macs"),
+                                                       (_LATENCY, "latency, ms (median)", "pareto_latency"))
              if c in summary and summary[c].notna().any()]
     rows = summary[summary["top1"].notna()]
     if rows.empty or not costs:
@@ -66,9 +69,9 @@ def pareto_plot(summary: pd.DataFrame, path: Path) -> Optional[Path]:
 
 def scaling_plot(bench: pd.DataFrame, path: Path) -> Optional[Path]:
     """Latency and MACs against tokens (log-log) from benchmark rows, one line per variant and setup."""
-    if bench.empty or not {"variant", "tokens"} <= set(bench.columns):
+    if bench.empty or not {_VARIANT, _TOKENS} <= set(bench.columns):
         return None
-    metrics = [(c, label) for c, label in (("latency_median_ms", "latency ms (median)"), ("macs", "MACs per sample"))
+    metrics = [(c, label) for c, label in ((_LATENCY, "latency ms (median)"), (_MACS, "MACs per sample"))
                if c in bench and bench[c].notna().any()]
     if not metrics:
         return None
@@ -77,12 +80,12 @@ def scaling_plot(bench: pd.DataFrame, path: Path) -> Optional[Path]:
     many = data["setup"].nunique() > 1
     fig, axes = _figure(len(metrics))
     for ax, (metric, label) in zip(axes, metrics):
-        for (variant, setup), group in data.groupby(["variant", "setup"], sort=True):
-            curve = group.groupby("tokens")[metric].median().dropna()
+        for (variant, setup), group in data.groupby([_VARIANT, "setup"], sort=True):
+            curve = group.groupby(_TOKENS)[metric].median().dropna()
             if not curve.empty:
                 ax.plot(curve.index, curve.values, "o-", label=f"{variant} ({setup})" if many else variant)
         ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=label, title=f"{label} vs tokens")
-        ticks = sorted(data["tokens"].dropna().unique())
+        ticks = sorted(data[_TOKENS].dropna().unique())
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.xaxis.set_minor_formatter("")
         ax.grid(True, which="both", alpha=0.3)
@@ -98,7 +101,7 @@ def mask_curves(trials: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
         a ``mask_density_curve``.
     """
     columns = ["study", "config", "progress", "mask_density", "branch_ratio"]
-    if trials.empty or "mask_density_curve" not in trials:
+    if trials.empty or _CURVE not in trials:
         return pd.DataFrame(columns=columns)
     names = {tuple(key): config for *key, config in summary[[*KEYS, "config"]].itertuples(index=False)}
     records = []

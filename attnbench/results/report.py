@@ -20,30 +20,37 @@ import io
 import json
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from attnbench.results import stats, store
+from attnbench.results import schema, stats, store
 from attnbench.variant import did_you_mean
 
-__all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "FORMATS", "load_results", "prepare_trials",
-           "summarize", "pareto_front", "select", "apply_filter", "check_columns", "rich_tables", "export",
-           "html_page"]
+__all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "FORMATS", "Results", "load_results", "load_store",
+           "prepare_trials", "summarize", "pareto_front", "select", "apply_filter", "check_columns", "rich_tables",
+           "export", "html_page"]
 
 BASELINE = "softmax"   #: default baseline label (used when a study has it)
-KEYS = ["study", "label", "options"]
+KEYS = list(schema.names("study", "label", "options"))
 FORMATS = ("table", "csv", "markdown", "json")
+# Stored columns are named through the schema (a renamed column fails at import); the summary's
+# own columns are listed in _DERIVED.
+_DERIVED = ("config", "n", "failed", "pruned", "top1_std", "baseline", "delta_top1", *stats.COLUMNS,
+            "macs_reduction_pct", "pareto_macs", "pareto_latency", "pareto")
 #: Columns of the table, markdown and HTML views unless ``--columns`` says otherwise.
-DEFAULT_COLUMNS = ("config", "n", "top1", "top1_train_form", "switch_cost", "delta_top1", "beyond_noise", "macs",
-                   "macs_reduction_pct", "params", "latency_median_ms", "peak_memory_mb", "pareto", "failed",
-                   "pruned")
-_MEANS = ("top1_train_form", "switch_cost", "best_val_top1", "mask_density_end", "branch_ratio_end", "wall_time_s")
-_MEDIANS = ("macs", "attention_macs", "params", "num_tokens", "latency_median_ms", "latency_iqr_ms",
-            "samples_per_s", "peak_memory_mb", "forward_memory_mb")
-_FIRSTS = ("variant", "arch", "dataset", "checkpoint")
+DEFAULT_COLUMNS = ("config", "n", *schema.names("top1", "top1_train_form", "switch_cost"), "delta_top1",
+                   "beyond_noise", *schema.names("macs"), "macs_reduction_pct",
+                   *schema.names("params", "latency_median_ms", "forward_memory_mb"), "pareto", "failed", "pruned")
+_MEANS = schema.names("top1_train_form", "switch_cost", "best_val_top1", "mask_density_end", "branch_ratio_end",
+                      "wall_time_s")
+_MEDIANS = schema.names("macs", "attention_macs", "params", "num_tokens", "latency_median_ms", "latency_iqr_ms",
+                        "samples_per_s", "forward_memory_mb")
+_FIRSTS = schema.names("variant", "arch", "dataset", "checkpoint")
+_OPTION_PREFIX = "opt_"   # summary columns spread from the stored options JSON
 
 
 class ReportError(ValueError):
@@ -52,24 +59,47 @@ class ReportError(ValueError):
 
 # ------------------------------------------------------------------------------------ data
 
-def load_results(results: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The trial rows and benchmark rows under ``results``.
+class Results(typing.NamedTuple):
+    """The rows of a result store, by kind, and the files that could not be read."""
+
+    trials: pd.DataFrame
+    bench: pd.DataFrame
+    skipped: list
+
+
+def load_store(results: str | Path, strict: bool = False,
+               on_skip: Optional[Callable[[store.SkippedFile], None]] = None) -> Results:
+    """The trial rows and benchmark rows under ``results``, and the files skipped.
+
+    Args:
+        strict: fail on an unreadable, foreign or other-version file instead of skipping it.
+        on_skip: called with each skipped file, before any error is raised.
 
     Raises:
-        ReportError: a missing folder, no rows at all, or files of another schema version.
+        ReportError: a missing folder, no rows at all, or (``strict``) a file that cannot be read.
     """
     root = Path(results)
     if not root.is_dir():
         raise ReportError(f"results folder '{root}' does not exist (give one with --results DIR)")
     try:
-        rows = store.read_rows(root)
+        contents = store.read_store(root, strict=strict)
     except store.StoreError as err:
         raise ReportError(str(err)) from None
-    if rows.empty or "kind" not in rows:
-        raise ReportError(f"no result rows under '{root}': run `attnbench sweep EXPERIMENT.yaml` or "
+    rows = contents.rows
+    for skipped in contents.skipped if on_skip else ():
+        on_skip(skipped)
+    if rows.empty:
+        skipped = f" ({len(contents.skipped)} unreadable file(s) skipped)" if contents.skipped else ""
+        raise ReportError(f"no result rows under '{root}'{skipped}: run `attnbench sweep EXPERIMENT.yaml` or "
                           f"`attnbench bench` first")
     pick = lambda kind: rows[rows["kind"] == kind].dropna(axis=1, how="all").reset_index(drop=True)  # noqa: E731
-    return pick("trial"), pick("benchmark")
+    return Results(pick(schema.TRIAL), pick(schema.BENCHMARK), contents.skipped)
+
+
+def load_results(results: str | Path, strict: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trial rows and benchmark rows under ``results`` (see :func:`load_store`)."""
+    loaded = load_store(results, strict)
+    return loaded.trials, loaded.bench
 
 
 def summarize(trials: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFrame:
@@ -110,14 +140,26 @@ def summarize(trials: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFr
 def prepare_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """A copy of the trial rows with the columns the summary reads, keys and status filled in."""
     t = trials.copy()
-    for column in ("study", "label", "variant", "seed", "status", "top1", *_MEANS, *_MEDIANS, *_FIRSTS):
+    for column in (*schema.names("study", "label", "variant", "seed", "status", "top1"), *_MEANS, *_MEDIANS,
+                   *_FIRSTS):
         if column not in t:
             t[column] = pd.NA
     t["study"] = t["study"].fillna("(no study)")
     t["label"] = t["label"].fillna(t["variant"]).fillna("(no label)")
     t["options"] = t["options"].fillna("{}") if "options" in t else "{}"
     t["status"] = t["status"].fillna("complete")
+    options = [_options(text) for text in t["options"]]
+    for name in dict.fromkeys(k for o in options for k in o):
+        t[_OPTION_PREFIX + name] = [o.get(name) for o in options]
     return t
+
+
+def _options(text) -> dict:
+    try:
+        value = json.loads(text) if isinstance(text, str) else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _complete(group: pd.DataFrame) -> pd.DataFrame:
@@ -141,7 +183,7 @@ def _config_row(key: tuple, group: pd.DataFrame) -> dict:
                top1_std=float(top1.std(ddof=1)) if len(top1) > 1 else math.nan)
     row.update({c: _num(done[c], "mean") for c in _MEANS})
     row.update({c: _num(group[c], "median") for c in _MEDIANS})
-    row.update({c: next(iter(group[c].dropna()), None) for c in group if c.startswith("opt_")})
+    row.update({c: next(iter(group[c].dropna()), None) for c in group if c.startswith(_OPTION_PREFIX)})
     return row
 
 
@@ -330,9 +372,10 @@ _VIEWS: dict[str, tuple[str, Callable]] = {
     "macs_reduction_pct": ("MACs saved %", lambda r: _fmt(r["macs_reduction_pct"], ".1f")),
     "params": ("params", lambda r: _fmt_count(r["params"])),
     "latency_median_ms": ("latency ms", lambda r: _fmt(r["latency_median_ms"], ".3g")),
-    "peak_memory_mb": ("mem MB", lambda r: _fmt(r["peak_memory_mb"], ".1f")),
+    "forward_memory_mb": ("mem MiB", lambda r: _fmt(r["forward_memory_mb"], ".1f")),
     "pareto": ("Pareto", lambda r: r["pareto"] or ""),
 }
+schema.names(*(set(_VIEWS) - set(_DERIVED)))
 
 
 def _cells(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[list[str], list[list[str]]]:
@@ -359,7 +402,7 @@ def _legend(frame: pd.DataFrame, columns: Sequence[str]) -> str:
         "beyond_noise": _noise_legend(frame) if baseline else "",
         "macs": "MACs: per image, inference form.",
         "macs_reduction_pct": "MACs saved: against the baseline.",
-        "peak_memory_mb": "mem: peak memory of inference.",
+        "forward_memory_mb": "mem: peak memory rise of one inference forward (measure batch).",
         "pareto": "Pareto (MACs / lat = latency): no other configuration has >= top-1 and <= cost, one strict.",
     }
     return " ".join(notes[c] for c in columns if notes.get(c))
@@ -374,16 +417,20 @@ def _studies(frame: pd.DataFrame):
 
 def rich_tables(frame: pd.DataFrame, columns: Sequence[str] = DEFAULT_COLUMNS) -> list:
     """One Rich table per study, ``columns`` formatted for reading."""
+    from rich.markup import escape
     from rich.table import Table
 
     tables = []
     for study, rows in _studies(frame):
         headers, body = _cells(rows, columns)
-        table = Table(title=_title(rows, study), caption=_legend(rows, columns), caption_justify="left")
+        # Labels, options and studies are the user's text: escaped, so Rich shows them as written.
+        table = Table(title=escape(_title(rows, study)), caption=escape(_legend(rows, columns)),
+                      caption_justify="left")
         for header in headers:
-            table.add_column(header, justify="left" if header == "configuration" else "right", overflow="fold")
+            table.add_column(escape(header), justify="left" if header == "configuration" else "right",
+                             overflow="fold")
         for cells in body:
-            table.add_row(*cells)
+            table.add_row(*(escape(cell) for cell in cells))
         tables.append(table)
     return tables
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import statistics
@@ -11,9 +12,9 @@ from typing import Any, Callable, Optional
 
 import optuna
 
-from attnbench import data, measure, models
+from attnbench import data, kernels, measure, models, provenance, registry
 from attnbench.experiment import CONFIG_PARAM, Experiment, VariantConfig
-from attnbench.results import store
+from attnbench.results import schema, store
 from attnbench.sweep.bookkeeping import ERROR_ATTR, INTERRUPTED_ATTR, trial_key
 from attnbench.train import TrainConfig, TrainResult, default_arch, fit
 
@@ -74,21 +75,24 @@ def _costs(ctx: TrialContext, config: VariantConfig) -> dict[str, Any]:
 
 
 def _speed(ctx: TrialContext, config: VariantConfig, model) -> dict[str, Any]:
+    """Latency and memory of the inference form, as switched on under ``measure``, and the kernels that ran."""
     spec = ctx.experiment.measure
     out: dict[str, Any] = {}
     if spec.latency:
         import torch
         x = torch.randn(spec.batch_size, *_input_shape(ctx), device=ctx.device)
         lat = measure.time_latency(model.eval(), x, threads=spec.threads, repeats=spec.repeats, device=ctx.device)
-        out.update(latency_median_ms=lat.median_ms, latency_iqr_ms=lat.iqr_ms, latency_batch=spec.batch_size,
-                   latency_threads=lat.threads, samples_per_s=lat.samples_per_s)
+        out.update(latency_median_ms=lat.median_ms, latency_iqr_ms=lat.iqr_ms, measure_batch=spec.batch_size,
+                   samples_per_s=lat.samples_per_s)
     if spec.memory:
         build = functools.partial(_castled_model, ctx.arch, config.variant, config.options, **_model_kwargs(ctx))
         mem = measure.peak_memory(build, (spec.batch_size, *_input_shape(ctx)), device=ctx.device,
                                   threads=spec.threads)
         # The forward's own peak; the process peak is mostly the interpreter and torch itself.
-        out.update(peak_memory_mb=mem.forward_bytes / 2**20, process_peak_memory_mb=mem.peak_bytes / 2**20,
-                   memory_method=mem.method)
+        out.update(forward_memory_mb=mem.forward_bytes / 2**20, process_peak_memory_mb=mem.peak_bytes / 2**20,
+                   memory_method=mem.method, measure_batch=spec.batch_size)
+    # Asked again after measuring: compiling may have fallen back while timing.
+    out["kernel_implementation"] = kernels.implementation_of(registry.get_variant(config.variant))
     return out
 
 
@@ -99,23 +103,28 @@ def _castled_model(arch: str, variant: str, options: dict, **model_kwargs):
 
 def _row(ctx: TrialContext, trial: optuna.Trial, key: int, config: VariantConfig, seed: int,
          costs: dict, result: Optional[TrainResult], status: str, error: Optional[str], wall: float) -> dict[str, Any]:
-    """One (trial, seed) row with its provenance; DESIGN.md "Results"."""
+    """One (trial, seed) row with its provenance (columns: :mod:`attnbench.results.schema`)."""
     e = ctx.experiment
+    s = ctx.splits
+    train_config = TrainConfig(**{**e.train, "seed": seed, "device": ctx.device})
     row = {
-        "kind": "trial", "study": e.name, "trial": key, "optuna_trial": trial.number, "seed": seed,
-        "label": config.label, "variant": config.variant, "options": json.dumps(config.options, sort_keys=True),
+        "kind": schema.TRIAL, "created_at": datetime.datetime.now(datetime.timezone.utc),
+        "study": e.name, "trial": key, "optuna_trial": trial.number, "seed": seed, "label": config.label,
+        **provenance.variant_columns(config.variant, config.options),
         "params_json": json.dumps(trial.params, sort_keys=True, default=str),
-        "arch": ctx.arch, "model_kwargs": json.dumps(e.model_kwargs, sort_keys=True),
-        **ctx.splits.summary(), "data_root": e.data_root,
-        "train_config": json.dumps(e.train, sort_keys=True), "sampler": e.sampler,
-        "sampler_seed": ctx.sampler_seed, "worker": ctx.worker, "status": status, "error": error,
-        "wall_time_s": wall, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "precision": getattr(train_config, "precision", "float32"),
+        "train_config": json.dumps(dataclasses.asdict(train_config), sort_keys=True, default=str),
+        "arch": ctx.arch, "model_kwargs": json.dumps(e.model_kwargs, sort_keys=True, default=str),
+        "dataset": s.name, "data_root": e.data_root, "data_options": json.dumps(s.options, sort_keys=True, default=str),
+        "data_seed": s.seed, "num_classes": s.num_classes, "in_chans": s.in_chans, "img_size": s.img_size,
+        "n_train": len(s.train), "n_val": len(s.val), "n_test": len(s.test),
+        "sampler": e.sampler, "sampler_seed": ctx.sampler_seed, "worker": ctx.worker,
+        "status": status, "error": error, "wall_time_s": wall,
         **costs, **ctx.environment,
     }
-    row.update({f"opt_{k}": v for k, v in config.options.items()})
     if result is not None:
         row.update(_result_columns(result))
-    return row
+    return schema.check_row(row)
 
 
 def _result_columns(result: TrainResult) -> dict[str, Any]:
@@ -212,8 +221,9 @@ def _objective_values(e: Experiment, rows: list[dict]) -> list[float]:
     for objective in e.objectives:
         samples = [r[objective.metric] for r in rows if r.get(objective.metric) is not None]
         if not samples:
-            raise TrialFailed(f"objective '{objective.metric}' was not measured "
-                              f"(enable it under 'measure')")
+            switch = schema.OBJECTIVES[objective.metric].measured_by
+            raise TrialFailed(f"objective '{objective.metric}' was not measured"
+                              + (f" (enable 'measure.{switch}')" if switch else ""))
         values.append(float(statistics.fmean(samples)))
     return values
 

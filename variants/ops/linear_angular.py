@@ -9,8 +9,8 @@ Per head, on q, k, v of shape (B, h, N, d)::
 with x^ = x / max(|x|, eps) per token (``F.normalize``; the official code has no eps). The
 ``faithful`` constant replaces y by (0.5 sum_n v_n + (1/pi) q^ (k^^T v)) / (0.5 N + (1/pi) q^ . sum_n k^_n).
 
-Three implementations of the same numbers, chosen by :func:`attnbench_variants.ops.set_impl` /
-``use_impl`` or the environment variable ``ATTNBENCH_OPS`` (default ``fast``):
+Three implementations of the same numbers, chosen by :mod:`attnbench.kernels` (`ops.set_impl` /
+``use_impl``) or the environment variable ``ATTNBENCH_OPS`` (default ``fast``):
 
 - ``reference`` (:func:`linear_angular_naive`): the formula as written: k^ and q^ materialised,
   ``F.normalize`` three times, ``F.conv2d`` for the residual. Tests compare against it.
@@ -408,7 +408,7 @@ def _linear_angular_compiled(q, k, v, *, eps: float = 1e-6, constant: Constant =
 
 
 def linear_angular(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
-    """Dispatch to the implementation chosen by :func:`attnbench_variants.ops.set_impl`."""
+    """Dispatch to the implementation chosen by :func:`attnbench.kernels.requested`."""
     impl = get_impl()
     if impl == "reference":
         return linear_angular_naive(q, k, v, **kwargs)
