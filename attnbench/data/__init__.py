@@ -49,7 +49,8 @@ Modules: :mod:`~attnbench.data.base` (splits, in-memory sets, normalisation),
 from __future__ import annotations
 
 from attnbench.data.base import DataError, DataSplits, ImageTensorDataset, stratified_split
-from attnbench.data.registry import dataset_options, flips_preserve_labels, list_datasets, load_dataset, register_dataset
+from attnbench.data.registry import (FLIPS_OPTION, dataset_options, flips_preserve_labels, list_datasets,
+                                     load_dataset, register_dataset)
 # Importing each source registers its data sets.
 from attnbench.data import cifar10, digits, idx, imagefolder  # noqa: E402,F401  (registration)
 from attnbench.data.generated import generate_marks, generate_pathfinder
