@@ -275,7 +275,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
 
     arch, model_kwargs = _model(r, top.get("model"))
     dataset, data_root, data_options = _data(r, top.get("data"))
-    train = _train(r, top.get("train"))
+    train = _train(r, top.get("train"), dataset, data_options)
     seeds = _seeds(r, top.get("seeds", [0]))
     configs = _configs(r, top.get("variants"))
     search = _search(r, top.get("search"), configs, dataset)
@@ -349,13 +349,16 @@ def _data(r: _Reader, raw: Any) -> tuple[str, Optional[str], dict]:
     return dataset, root, options
 
 
-def _train(r: _Reader, raw: Any) -> dict:
+def _train(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
     from attnbench.train import TrainConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     spec = r.mapping(raw, "train", tuple(fields))
-    out = {}
+    # The resolved augmentation is always stored, so every result row says what was (not) applied.
+    out = {"augment": _augment(r, spec.get("augment"), dataset, data_options)}
     for key, value in spec.items():
+        if key == "augment":
+            continue
         default = fields[key].default
         if isinstance(default, bool):
             out[key] = r.boolean(value, f"train.{key}")
@@ -372,6 +375,35 @@ def _train(r: _Reader, raw: Any) -> dict:
     except (TypeError, ValueError) as err:
         r.fail("train", str(err))
     return out
+
+
+def _augment(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
+    from attnbench import data
+    from attnbench.data.augment import Augmentation
+
+    fields = {f.name: f.default for f in dataclasses.fields(Augmentation)}
+    spec = r.mapping(raw, "train.augment", tuple(fields))
+    values = {}
+    for key, value in spec.items():
+        field, default = f"train.augment.{key}", fields[key]
+        if isinstance(default, bool):
+            values[key] = r.boolean(value, field)
+        elif isinstance(default, int):
+            values[key] = r.integer(value, field, minimum=0)
+        elif isinstance(default, float):
+            values[key] = r.number(value, field)
+        else:
+            values[key] = r.string(value, field)
+    try:
+        augment = Augmentation(**values)
+    except ValueError as err:
+        r.fail("train.augment", str(err).removeprefix("augment: "))
+    if augment.hflip and not data.flips_preserve_labels(dataset, data_options):
+        declare = (f" or, if mirrored images keep their class, set data.options.{data.FLIPS_OPTION}: true"
+                   if data.FLIPS_OPTION in data.dataset_options(dataset) else "")
+        r.fail("train.augment.hflip", f"data set '{dataset}' does not declare horizontal flips label-preserving "
+                                      f"(a mirrored digit is not the same digit); remove hflip{declare}")
+    return dataclasses.asdict(augment)
 
 
 def _seeds(r: _Reader, raw: Any) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from attnbench import models
 from attnbench.data import DataSplits
+from attnbench.data.augment import Augmentation, BatchAugmenter
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device", "main"]
 
@@ -54,6 +56,8 @@ class TrainConfig:
         warmup_lr: learning rate at the first update.
         min_lr: learning rate at the end of the cosine decay.
         label_smoothing: of the training cross-entropy (validation/test losses use none).
+        augment: batch augmentation (:class:`attnbench.data.augment.Augmentation`, all off by
+            default; a mapping of its fields is accepted).
         clip_grad: gradient-norm clipping; None for none.
         opt: timm optimiser name (``adamw``).
         seed: seeds dropout, drop-path and batch order (seed the model with
@@ -80,6 +84,7 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     min_lr: float = 1e-5
     label_smoothing: float = 0.1
+    augment: Augmentation = dataclasses.field(default_factory=Augmentation)
     clip_grad: Optional[float] = 1.0
     opt: str = "adamw"
     seed: int = 0
@@ -94,6 +99,8 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self):
+        if isinstance(self.augment, dict):
+            self.augment = Augmentation(**self.augment)
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
                   (self.lr > 0, "lr must be > 0"), (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
                   (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
@@ -325,6 +332,9 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
     """
     config = config or TrainConfig()
     wall_start = time.perf_counter()
+    augmenter = BatchAugmenter(config.augment, splits.num_classes, splits.mean, splits.std,
+                               label_smoothing=config.label_smoothing, seed=config.seed,
+                               flips_preserve_labels=splits.flips_preserve_labels)
     device = resolve_device(config.device)
     n_train = len(splits.train)
     if n_train == 0:
@@ -351,6 +361,8 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
         scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=config.min_lr, warmup_t=warmup,
                                       warmup_lr_init=config.warmup_lr, warmup_prefix=True, t_in_epochs=False)
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        if augmenter.soft_targets:   # mixed batches: the smoothing is in the soft targets already
+            criterion = SoftTargetCrossEntropy()
         evaluate_kw = dict(batch_size=config.eval_batch_size, device=device, num_workers=config.num_workers)
 
         best: Optional[dict[str, Any]] = None
@@ -367,8 +379,9 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
                     if step >= total_steps:
                         break
                     models.set_progress(model, step / total_steps)
+                    x, target = augmenter(x, y)
                     logits = model(x)
-                    task_loss = criterion(logits, y)
+                    task_loss = criterion(logits, target)
                     reg = models.regularization(model).to(task_loss.device)
                     loss = task_loss + reg
                     if not _finite(loss):

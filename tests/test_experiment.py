@@ -29,14 +29,24 @@ def test_shipped_experiments_are_valid(path):
     assert experiment.configs and experiment.seeds
 
 
-def test_ablation_has_every_component_and_three_seeds():
+def test_ablation_has_every_component_and_five_seeds():
     experiment = load_experiment(Path(__file__).parent.parent / "experiments" / "ablation.yaml")
-    assert len(experiment.seeds) >= 3
+    assert len(experiment.seeds) >= 5
     variants = {c.variant for c in experiment.configs}
     assert {"softmax", "linear", "angular", "linear-angular", "castling", "identity"} <= variants
     schedules = {c.options.get("mask_schedule") for c in experiment.configs if c.variant == "castling"}
     assert "fixed" in schedules and schedules - {"fixed", "none", None}, "needs fixed and an emptying schedule"
     assert experiment.grid_size() == len(experiment.configs)
+
+
+def test_fashion_ablation_compares_the_components_at_50_tokens():
+    experiment = load_experiment(Path(__file__).parent.parent / "experiments" / "ablation-fashion.yaml")
+    assert experiment.dataset == "fashion-mnist" and len(experiment.seeds) >= 5 and not experiment.pruning
+    assert experiment.data_options["img_size"] == 28 and experiment.arch == "vit_pico_patch4_32"   # 7x7 + 1 tokens
+    assert experiment.data_options["max_test"] is None, "evaluates on the full official test set"
+    assert {(c.variant, c.options.get("residual"), c.options.get("mask_schedule")) for c in experiment.configs} == {
+        ("softmax", None, None), ("linear-angular", "none", None), ("linear-angular", "dwconv", None),
+        ("castling", None, "fixed"), ("castling", None, "gate_cosine")}
 
 
 def test_valid_experiment_resolves_trials(tmp_path):

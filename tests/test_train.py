@@ -9,6 +9,7 @@ import torch
 
 from attnbench import data, models, train
 from test_data import make_cifar_folder, make_image_folder
+from test_idx import make_idx_folder
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -35,6 +36,7 @@ def digits():
     ("imagefolder", {"img_size": 8}),
     ("imagefolder", {"img_size": 8, "in_memory": False}),
     ("cifar10", {"img_size": 8}),
+    ("mnist", {"img_size": 8}),
 ])
 def test_one_short_epoch_on_each_data_set(name, kwargs, tmp_path):
     root = None
@@ -42,6 +44,8 @@ def test_one_short_epoch_on_each_data_set(name, kwargs, tmp_path):
         root = make_image_folder(tmp_path / "imgs")
     elif name == "cifar10":
         root = make_cifar_folder(tmp_path)
+    elif name == "mnist":
+        root = make_idx_folder(tmp_path / "mnist")[0]
     splits = data.load_dataset(name, root=root, **kwargs)
     model = tiny_model(splits, "castling", {"mask_schedule": "fixed"})
     result = train.fit(model, splits, short(max_steps=6), progress=False)
