@@ -30,7 +30,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from attnbench import models
+from attnbench import models, precision as precisions
 from attnbench.data import DataSplits
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device", "main"]
@@ -70,6 +70,9 @@ class TrainConfig:
             the run (restored after).
         num_threads: torch CPU threads during the run (restored after); None keeps the current.
         num_workers: DataLoader workers for data sets read from disk on demand.
+        precision: ``float32``, or ``bfloat16`` / ``float16``: forward and loss under
+            ``torch.autocast`` to that dtype (CPU or CUDA), validation and test too; weights
+            and optimiser stay float32; ``float16`` scales the loss (``torch.amp.GradScaler``).
     """
 
     epochs: int = 30
@@ -92,6 +95,7 @@ class TrainConfig:
     deterministic: bool = True
     num_threads: Optional[int] = None
     num_workers: int = 0
+    precision: str = precisions.DEFAULT_PRECISION
 
     def __post_init__(self):
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -103,6 +107,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
+        precisions.check_precision(self.precision, "TrainConfig: precision")
 
 
 @dataclasses.dataclass
@@ -209,10 +214,11 @@ def _layer_means(sums: dict[str, dict[str, float]], count: int) -> dict[str, dic
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: Union[str, torch.device] = "cpu",
-             num_workers: int = 0) -> dict[str, Any]:
+             num_workers: int = 0, precision: str = precisions.DEFAULT_PRECISION) -> dict[str, Any]:
     """Top-1 (percent), mean cross-entropy, predictions and per-layer diagnostics on ``ds``.
 
     The model is put in eval mode; the variant layers keep whatever progress they were given.
+    ``precision``: the forward's autocast (:mod:`attnbench.precision`).
     """
     device = torch.device(device)
     model.eval()
@@ -220,7 +226,8 @@ def evaluate(model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: Un
     preds = []
     diag_sums: dict[str, dict[str, float]] = {}
     for x, y in _batches(ds, batch_size, None, device, num_workers):
-        logits = model(x)
+        with precisions.autocast(precision, device):
+            logits = model(x)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         pred = logits.argmax(dim=1)
         correct += int((pred == y).sum())
@@ -351,7 +358,9 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
         scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=config.min_lr, warmup_t=warmup,
                                       warmup_lr_init=config.warmup_lr, warmup_prefix=True, t_in_epochs=False)
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        evaluate_kw = dict(batch_size=config.eval_batch_size, device=device, num_workers=config.num_workers)
+        evaluate_kw = dict(batch_size=config.eval_batch_size, device=device, num_workers=config.num_workers,
+                           precision=config.precision)
+        scaler = precisions.grad_scaler(config.precision, device)   # float16 only; else passes through
 
         best: Optional[dict[str, Any]] = None
         step = 0
@@ -367,9 +376,10 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
                     if step >= total_steps:
                         break
                     models.set_progress(model, step / total_steps)
-                    logits = model(x)
-                    task_loss = criterion(logits, y)
-                    reg = models.regularization(model).to(task_loss.device)
+                    with precisions.autocast(config.precision, device):
+                        logits = model(x)
+                    task_loss = criterion(logits.float(), y)   # the loss in float32 whatever the precision
+                    reg = models.regularization(model).float().to(task_loss.device)
                     loss = task_loss + reg
                     if not _finite(loss):
                         kind = "NaN" if torch.isnan(loss).any() else "infinite"
@@ -378,10 +388,12 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
                             f"task loss {float(task_loss.detach()):.4g}, regularization {float(reg.detach()):.4g}, "
                             f"lr {optimizer.param_groups[0]['lr']:.3g}")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     if config.clip_grad is not None:
+                        scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones
                         nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                    optimizer.step()
+                    scaler.step(optimizer)   # float16: skipped when a gradient overflowed
+                    scaler.update()
                     step += 1
                     scheduler.step_update(num_updates=step)
                     batch = y.shape[0]
