@@ -150,3 +150,32 @@ def test_half_precision_checks_catch_overflow_and_inaccuracy(registered):
     testing.check_half_precision_finite(coarse, {})
     with pytest.raises(AssertionError, match="differs from float32"):
         testing.check_half_precision_matches_float32(coarse, {})
+
+
+# --- attnbench bench --dtype ---------------------------------------------------------------------
+
+def test_bench_builds_its_modules_at_the_precision():
+    from attnbench import bench
+
+    module = bench._build_under("fast", 1, "layer", "linear-angular", 32, 2, 17, dtype="bfloat16", device="cpu")
+    with torch.inference_mode():
+        assert module(torch.randn(2, 17, 32)).dtype == torch.bfloat16
+    plain = bench._build_under("fast", 1, "layer", "linear-angular", 32, 2, 17)
+    assert not isinstance(plain, precision.AutocastModule)
+
+
+def test_bench_cli_in_bfloat16_records_the_precision(tmp_path):
+    from click.testing import CliRunner
+
+    from attnbench.cli import main
+
+    out = tmp_path / "results"
+    result = CliRunner().invoke(main, ["bench", "--variants", "softmax,linear-angular", "--tokens", "17", "--dim", "32",
+                                       "--heads", "2", "--batch", "2", "--repeats", "1", "--samples", "2",
+                                       "--warmup", "1", "--threads", "1", "--ops", "fast", "--dtype", "bfloat16",
+                                       "--no-memory", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = store.read_rows(out, kind="benchmark")
+    assert (rows["precision"] == "bfloat16").all() and (rows["latency_median_ms"] > 0).all()
+    bad = CliRunner().invoke(main, ["bench", "--dtype", "fp8", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "fp8" in bad.output
