@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from attnbench import kernels, measure, provenance, registry
+from attnbench import kernels, measure, precision, provenance, registry
 from attnbench.variant import AttentionVariant
 
 __all__ = ["BenchConfig", "BenchError", "BenchResult", "build_module", "crossover", "run_benchmark",
@@ -72,6 +72,8 @@ class BenchConfig:
         memory: measure peak memory (a child process on CPU).
         ops: kernel implementation requested (:mod:`attnbench.kernels`): ``compile``
             (default), ``fast`` or ``reference``.
+        dtype: precision of the timed and memory forwards (:mod:`attnbench.precision`):
+            ``float32``, or ``bfloat16`` / ``float16`` autocast; MACs are counted in float32.
     """
 
     variants: tuple[str, ...]
@@ -90,6 +92,7 @@ class BenchConfig:
     out: str = "results"
     memory: bool = True
     ops: str = "compile"
+    dtype: str = precision.DEFAULT_PRECISION
 
     def validate(self) -> "BenchConfig":
         """Check everything that can be checked without building; return self or raise BenchError."""
@@ -119,6 +122,10 @@ class BenchConfig:
                                  f"e.g. 65, 197, 785, 3137; got {', '.join(map(str, bad))}")
         if self.ops not in kernels.IMPLEMENTATIONS:
             raise BenchError(f"--ops must be one of {', '.join(kernels.IMPLEMENTATIONS)}, got {self.ops!r}")
+        try:
+            precision.check_precision(self.dtype, "--dtype")
+        except ValueError as err:
+            raise BenchError(str(err)) from None
         if self.device not in ("cpu", "cuda"):
             raise BenchError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -207,10 +214,16 @@ def _use_ops(ops: str, shapes: int) -> None:
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * shapes)
 
 
-def _build_under(ops: str, shapes: int, *args) -> nn.Module:
-    """:func:`build_module` in a process that will run it with the ``ops`` implementation."""
+def _build_under(ops: str, shapes: int, *args, dtype: str = precision.DEFAULT_PRECISION,
+                 device: str = "cpu") -> nn.Module:
+    """:func:`build_module` in a process that will run it with the ``ops`` implementation, at ``dtype``."""
     _use_ops(ops, shapes)
-    return build_module(*args)
+    return _at_precision(build_module(*args), dtype, device)
+
+
+def _at_precision(module: nn.Module, dtype: str, device: str) -> nn.Module:
+    """``module`` whose forward runs under ``dtype``'s autocast (float32: the module itself)."""
+    return module if dtype == precision.DEFAULT_PRECISION else precision.AutocastModule(module, dtype, device)
 
 
 def _key(variant: str, tokens: int) -> str:
@@ -226,7 +239,7 @@ def _time_in_this_process(config: BenchConfig, on_block=None) -> dict[str, dict]
     callables = {}
     for tokens in config.tokens:
         for variant in config.variants:
-            module = _build(config, variant, tokens).to(config.device)
+            module = _at_precision(_build(config, variant, tokens).to(config.device), config.dtype, config.device)
             torch.manual_seed(1)
             x = torch.randn(config.batch, *input_shape(config, tokens), device=config.device)
             callables[_key(variant, tokens)] = (module, x)
@@ -330,7 +343,7 @@ def _aggregate(config: BenchConfig, processes: list[dict[str, dict]], static: di
                 "depth": config.depth if config.level == "model" else None,
                 "patch_size": config.patch if config.level == "model" else None,
                 "measure_batch": config.batch, "processes": len(processes), "samples_per_process": config.samples,
-                "warmup_calls": config.warmup,
+                "warmup_calls": config.warmup, "precision": config.dtype,
                 **static[key],
                 "latency_median_ms": median,
                 "latency_iqr_ms": statistics.median(p[key]["iqr_ms"] for p in processes),
@@ -421,7 +434,7 @@ def _run(config: BenchConfig, env: dict[str, Any], progress, write: bool) -> Ben
         import functools
 
         jobs = [(functools.partial(_build_under, config.ops, len(pairs), config.level, v, config.dim, config.heads, n, config.depth,
-                                   config.patch), (config.batch, *input_shape(config, n))) for v, n in pairs]
+                                   config.patch, dtype=config.dtype, device=config.device), (config.batch, *input_shape(config, n))) for v, n in pairs]
         previous = kernels.set_process_default(config.ops)   # CUDA measures here; the setting is put back
         try:
             memories = measure.peak_memory_many(jobs, device=config.device, threads=threads)
@@ -475,6 +488,7 @@ def plot(result: BenchResult, path: Path) -> Path:
         ax_ms.errorbar(n, ms, yerr=err, marker="o", capsize=3, label=variant)
         ax_macs.plot(n, [r["macs"] for r in rows], marker="o", label=variant)
     where = f"{config.device}, {_threads_label(config.thread_count)}" if config.device == "cpu" else config.device
+    where += f", {config.dtype}"
     shape = f"{config.level}, C={config.dim}, h={config.heads}" + (f", depth {config.depth}" if config.level == "model" else "")
     ax_ms.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=f"latency per forward, ms (batch {config.batch})",
               title=f"latency ({where})")
@@ -512,7 +526,7 @@ def render(result: BenchResult) -> list:
 
     config = result.config
     table = Table(title=f"attnbench bench: {config.level} level, C={config.dim}, h={config.heads}, batch "
-                        f"{config.batch}, {config.device}, {_threads_label(config.thread_count)}, "
+                        f"{config.batch}, {config.device}, {config.dtype}, {_threads_label(config.thread_count)}, "
                         f"{config.repeats} processes x {config.samples} blocks, ops {config.ops}",
                   caption="MACs per sample (1 MAC = 2 FLOPs); ms = median over processes of per-process "
                           "medians; IQR within a process; spread = (max-min)/median across processes; "

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from attnbench import allocator, kernels, registry
+from attnbench.precision import PRECISIONS
 
 console = Console()
 err_console = Console(stderr=True)
@@ -240,8 +241,10 @@ class RichSweepDisplay:
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Measure peak memory of one forward.")
 @click.option("--ops", default="compile", show_default=True,
               help="Built-in kernels: compile (torch.compile, eager fallback), fast (eager) or reference.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(PRECISIONS)),
+              help="Precision of the timed forwards: float32, or bfloat16/float16 autocast (attnbench.precision).")
 def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, threads, repeats, samples, warmup,
-                  device, out, memory, ops) -> None:
+                  device, out, memory, ops, dtype) -> None:
     """Scaling benchmark: MACs, parameters, latency and memory of variants against token count."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -251,7 +254,7 @@ def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, thre
         config = bench.BenchConfig(
             variants=bench.parse_variants(variants), tokens=bench.parse_tokens(tokens), dim=dim, heads=heads,
             batch=batch, level=level, depth=depth, patch=patch, threads=threads, repeats=repeats,
-            samples=samples, warmup=warmup, device=device, out=out, memory=memory, ops=ops).validate()
+            samples=samples, warmup=warmup, device=device, out=out, memory=memory, ops=ops, dtype=dtype).validate()
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=err_console, transient=True) as progress:
             result = bench.run_benchmark(config, progress=progress)

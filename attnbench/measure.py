@@ -6,7 +6,8 @@ milliseconds (``*_ms``), memory is bytes (``*_bytes``).
 - MACs: CPU SDPA is one fused op that counters see as zero, so every count runs under the SDPA
   math backend, which decomposes it into matmuls (see ``measuring.md``).
 - Latency: an explicit thread count (``torch.utils.benchmark.Timer`` defaults to one thread),
-  set with ``torch.utils.benchmark``'s thread control and timed with its synchronising clock;
+  set with ``torch.utils.benchmark``'s thread control and timed with its synchronising clock
+  (on CUDA: CUDA events around each block, after a synchronisation);
   every callable warmed up before any is timed; under ``torch.inference_mode()``. Compare variants with :func:`time_interleaved` (round-robin
   blocks in one process) and repeat the whole in fresh processes: between processes CPU
   timings move far more than within one.
@@ -153,9 +154,36 @@ def _batch_size(inputs: tuple) -> int:
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
 
 
+def _on_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
 def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    if _on_cuda(device):
+        torch.cuda.synchronize(torch.device(device))
+
+
+class _CudaEventBlock:
+    """Times ``number`` calls with CUDA events, ``timeit.Timer``'s interface (``timeit(number)`` in s).
+
+    The device is synchronised first, so no earlier work falls inside the interval; the start
+    and end events are recorded on the current stream around the calls, and the end event is
+    waited for before ``elapsed_time`` (milliseconds between the two records) is read.
+    """
+
+    def __init__(self, fn: Callable, inputs: tuple, device: str):
+        self.fn, self.inputs, self.device = fn, inputs, torch.device(device)
+
+    def timeit(self, number: int) -> float:
+        with torch.cuda.device(self.device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(number):
+                self.fn(*self.inputs)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -194,7 +222,8 @@ def time_interleaved(
         threads: torch intra-op threads (default: :func:`default_threads`). Set, and recorded.
         warmup: untimed calls of each callable before any timing (at least 1 is made).
         repeats: timed blocks per callable.
-        device: ``"cpu"`` or ``"cuda"``; on CUDA every block is synchronised.
+        device: ``"cpu"`` or ``"cuda"``; on CUDA every block is timed with CUDA events after a
+            synchronisation (:class:`_CudaEventBlock`).
         min_block_ms: target duration of one block, milliseconds.
         on_block: called as ``on_block(done, total)`` after each timed block.
 
@@ -225,7 +254,10 @@ def time_interleaved(
             fn, inputs = entries[name]
             for _ in range(max(warmup, 1) - 1):
                 fn(*inputs)
-            blocks[name] = timeit.Timer(stmt="fn(*inputs)", timer=clock, globals={"fn": fn, "inputs": inputs})
+            if _on_cuda(device):
+                blocks[name] = _CudaEventBlock(fn, inputs, device)
+            else:
+                blocks[name] = timeit.Timer(stmt="fn(*inputs)", timer=clock, globals={"fn": fn, "inputs": inputs})
             one_call_s = blocks[name].timeit(1)
             numbers[name] = max(1, math.ceil(min_block_ms / 1e3 / max(one_call_s, 1e-9)))
         times: dict[str, list[float]] = {name: [] for name in names}
@@ -311,12 +343,13 @@ def _measure_one(build: Callable[[], nn.Module], input_shape: Sequence[int], dev
         model(x)  # first call: one-time caches (oneDNN primitives, allocator pools) are not counted
         _sync(device)
         gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        if _on_cuda(device):
+            cuda = torch.device(device)
+            torch.cuda.reset_peak_memory_stats(cuda)   # the peak now restarts from what is allocated
+            base = torch.cuda.memory_allocated(cuda)
             model(x)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
+            torch.cuda.synchronize(cuda)
+            peak = torch.cuda.max_memory_allocated(cuda)
             method = "cuda max_memory_allocated"
         elif _reset_peak_rss() and _proc_status_bytes("VmRSS") is not None:
             base = _proc_status_bytes("VmRSS")
@@ -371,7 +404,7 @@ def peak_memory_many(jobs: Sequence[tuple[Callable[[], nn.Module], Sequence[int]
         device: ``"cpu"`` or ``"cuda"``.
         threads: torch threads in the child (CPU), default :func:`default_threads`.
     """
-    if str(device).startswith("cuda"):
+    if _on_cuda(device):
         return [_measure_one(build, shape, str(device)) for build, shape in jobs]
     threads = int(threads or default_threads())
     ctx = multiprocessing.get_context("spawn")

@@ -13,6 +13,7 @@ Each check is a plain function ``check_x(variant, options)`` that raises ``Asser
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import traceback
@@ -23,7 +24,8 @@ import torch
 from attnbench.registry import build_attention, get_variant, variant_class
 from attnbench.variant import option_specs
 
-__all__ = ["CHECKS", "CheckResult", "VariantConformance", "run_checks"]
+__all__ = ["CHECKS", "CheckResult", "VariantConformance", "run_checks", "HALF_PRECISION_TOLERANCE",
+           "half_precision_error"]
 
 DIM, HEADS, TOKENS, BATCH = 48, 3, 17, 2   # 17 = 16 grid tokens + a class token
 
@@ -172,6 +174,88 @@ def check_timm_drop_in(variant: str, options: dict) -> None:
     assert model.blocks[0].attn.qkv.weight.grad is not None, "no gradient through the timm model"
 
 
+# --- half precision -------------------------------------------------------------------------------
+
+#: Largest allowed normwise error (:func:`half_precision_error`) of an output or a gradient in
+#: half precision against float32: 8 machine epsilons of the dtype (bfloat16 2^-7, float16
+#: 2^-10). A layer rounds its input, weights and products once or twice each, so errors are a
+#: few epsilons; measured on the built-ins (these checks and tests/test_variants.py): outputs at
+#: most 1.2 eps, gradients at most 4.1 eps (Castling's mask flipping where rounding moves a
+#: probability across the threshold); 8 leaves twice that.
+HALF_PRECISION_TOLERANCE = {dtype: 8 * torch.finfo(dtype).eps for dtype in (torch.bfloat16, torch.float16)}
+#: Scale of the large-magnitude token: |q|^2 reaches about 1e6, beyond float16 (65504).
+LARGE_TOKEN = 300.0
+
+
+def _forward_backward(layer, x: torch.Tensor, dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, list]:
+    """Output (float32) and the gradients of input and parameters (float32) of a float32 loss;
+    under CPU autocast to ``dtype`` unless None."""
+    x = x.detach().clone().requires_grad_(True)
+    context = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with context:
+        y = layer(x)
+    loss = y.float().square().mean() + y.float().mean() + layer.regularization().float()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    names = ["input"] + [name for name, p in layer.named_parameters() if p.requires_grad]
+    return y.detach(), [(name, g.float()) for name, g in zip(names, grads) if g is not None]
+
+
+def half_precision_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """|actual - expected| / |expected|, Frobenius norms in float64 (the absolute error when expected is 0).
+
+    Normwise, not elementwise: a sum that cancels, or a ReLU kink that rounding moves across,
+    makes single elements of a gradient arbitrarily wrong in relative terms without the layer
+    being any less accurate as a whole."""
+    actual, expected = actual.detach(), expected.detach().double()
+    diff = torch.linalg.vector_norm(actual.double() - expected)
+    scale = torch.linalg.vector_norm(expected)
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def _half_pairs(variant: str, options: dict, x: torch.Tensor):
+    """For each half dtype and mode: (label, dtype, half output and gradients, float32 ones).
+
+    ``autocast``: float32 weights under ``torch.autocast`` (what training and ``bench --dtype``
+    run), against plain float32. ``cast``: the layer and input cast to the dtype, against float32
+    with the same rounded weights and input.
+    """
+    for dtype in HALF_PRECISION_TOLERANCE:
+        layer = _layer(variant, options).train()
+        yield (f"{dtype} autocast", dtype, _forward_backward(layer, x, dtype), _forward_backward(layer, x, None))
+        half = _layer(variant, options).train().to(dtype)
+        rounded = _layer(variant, options).train().to(dtype).float()
+        yield (f"{dtype} cast", dtype, _forward_backward(half, x.to(dtype), None),
+               _forward_backward(rounded, x.to(dtype).float(), None))
+
+
+def check_half_precision_matches_float32(variant: str, options: dict) -> None:
+    """bfloat16 and float16 (autocast and cast), forward and backward, within HALF_PRECISION_TOLERANCE of float32."""
+    for label, dtype, (y, grads), (y_ref, grads_ref) in _half_pairs(variant, options, _input()):
+        assert y.dtype == dtype, f"{label}: output dtype {y.dtype}"
+        tolerance = HALF_PRECISION_TOLERANCE[dtype]
+        error = half_precision_error(y, y_ref)
+        assert error <= tolerance, f"{label}: output differs from float32 by {error:.2e} (allowed {tolerance:.2e})"
+        assert [n for n, _ in grads] == [n for n, _ in grads_ref], f"{label}: gradients reach other parameters"
+        for (name, g), (_, g_ref) in zip(grads, grads_ref):
+            error = half_precision_error(g, g_ref)
+            assert error <= tolerance, \
+                f"{label}: gradient of {name} differs from float32 by {error:.2e} (allowed {tolerance:.2e})"
+
+
+def check_half_precision_finite(variant: str, options: dict) -> None:
+    """bfloat16 and float16 (autocast and cast) stay finite, forward and backward, with a large token
+    (x300), a zero token and an all-zero sample."""
+    x = _input()
+    x[0, 5] *= LARGE_TOKEN
+    x[0, 3] = 0.0
+    x[1] = 0.0
+    for label, _dtype, (y, grads), _ in _half_pairs(variant, options, x):
+        assert torch.isfinite(y).all(), f"{label}: non-finite output with large, zero or all-zero tokens"
+        for name, g in grads:
+            assert torch.isfinite(g).all(), f"{label}: non-finite gradient of {name} with large, zero or all-zero tokens"
+
+
 CHECKS: list[Callable[[str, dict], None]] = [
     check_interface,
     check_shape_and_dtype,
@@ -182,6 +266,8 @@ CHECKS: list[Callable[[str, dict], None]] = [
     check_castle,
     check_macs,
     check_timm_drop_in,
+    check_half_precision_matches_float32,
+    check_half_precision_finite,
 ]
 
 

@@ -31,7 +31,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from attnbench import models
+from attnbench import models, precision as precisions
 from attnbench.data import DataSplits
 from attnbench.data.augment import Augmentation, BatchAugmenter
 
@@ -74,6 +74,9 @@ class TrainConfig:
             the run (restored after).
         num_threads: torch CPU threads during the run (restored after); None keeps the current.
         num_workers: DataLoader workers for data sets read from disk on demand.
+        precision: ``float32``, or ``bfloat16`` / ``float16``: forward and loss under
+            ``torch.autocast`` to that dtype (CPU or CUDA), validation and test too; weights
+            and optimiser stay float32; ``float16`` scales the loss (``torch.amp.GradScaler``).
     """
 
     epochs: int = 30
@@ -97,6 +100,7 @@ class TrainConfig:
     deterministic: bool = True
     num_threads: Optional[int] = None
     num_workers: int = 0
+    precision: str = precisions.DEFAULT_PRECISION
 
     def __post_init__(self):
         if isinstance(self.augment, dict):
@@ -110,6 +114,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
+        precisions.check_precision(self.precision, "TrainConfig: precision")
 
 
 @dataclasses.dataclass
@@ -216,10 +221,11 @@ def _layer_means(sums: dict[str, dict[str, float]], count: int) -> dict[str, dic
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: Union[str, torch.device] = "cpu",
-             num_workers: int = 0) -> dict[str, Any]:
+             num_workers: int = 0, precision: str = precisions.DEFAULT_PRECISION) -> dict[str, Any]:
     """Top-1 (percent), mean cross-entropy, predictions and per-layer diagnostics on ``ds``.
 
     The model is put in eval mode; the variant layers keep whatever progress they were given.
+    ``precision``: the forward's autocast (:mod:`attnbench.precision`).
     """
     device = torch.device(device)
     model.eval()
@@ -227,7 +233,8 @@ def evaluate(model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: Un
     preds = []
     diag_sums: dict[str, dict[str, float]] = {}
     for x, y in _batches(ds, batch_size, None, device, num_workers):
-        logits = model(x)
+        with precisions.autocast(precision, device):
+            logits = model(x)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         pred = logits.argmax(dim=1)
         correct += int((pred == y).sum())
@@ -363,7 +370,9 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         if augmenter.soft_targets:   # mixed batches: the smoothing is in the soft targets already
             criterion = SoftTargetCrossEntropy()
-        evaluate_kw = dict(batch_size=config.eval_batch_size, device=device, num_workers=config.num_workers)
+        evaluate_kw = dict(batch_size=config.eval_batch_size, device=device, num_workers=config.num_workers,
+                           precision=config.precision)
+        scaler = precisions.grad_scaler(config.precision, device)   # float16 only; else passes through
 
         best: Optional[dict[str, Any]] = None
         step = 0
@@ -380,9 +389,10 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
                         break
                     models.set_progress(model, step / total_steps)
                     x, target = augmenter(x, y)
-                    logits = model(x)
-                    task_loss = criterion(logits, target)
-                    reg = models.regularization(model).to(task_loss.device)
+                    with precisions.autocast(config.precision, device):
+                        logits = model(x)
+                    task_loss = criterion(logits.float(), target)   # the loss in float32 whatever the precision
+                    reg = models.regularization(model).float().to(task_loss.device)
                     loss = task_loss + reg
                     if not _finite(loss):
                         kind = "NaN" if torch.isnan(loss).any() else "infinite"
@@ -391,10 +401,12 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
                             f"task loss {float(task_loss.detach()):.4g}, regularization {float(reg.detach()):.4g}, "
                             f"lr {optimizer.param_groups[0]['lr']:.3g}")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     if config.clip_grad is not None:
+                        scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones
                         nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                    optimizer.step()
+                    scaler.step(optimizer)   # float16: skipped when a gradient overflowed
+                    scaler.update()
                     step += 1
                     scheduler.step_update(num_updates=step)
                     batch = y.shape[0]

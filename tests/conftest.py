@@ -4,6 +4,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))  # tests/references.py and other test helpers
 
 
+# --- the `cuda` marker: tests that need a GPU -------------------------------------------------------
+
+def pytest_collection_modifyitems(config, items):
+    """Skip every test marked ``cuda`` when torch sees no CUDA device, saying so: skipped, never passed."""
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = (f"needs a CUDA device; torch {torch.__version__} sees none here "
+              f"(torch.cuda.is_available() is False; built with CUDA {torch.version.cuda})")
+    for item in cuda_tests:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 # --- a throwaway PostgreSQL server (scripts/pg-throwaway.sh), for the scale-out tests -------------
 
 import shutil

@@ -33,7 +33,9 @@ def _merge_and_project(layer, per_head):
 
 
 def _unit(t, eps):
-    return t / torch.clamp(t.norm(), min=eps)
+    """t / max(|t|, eps); at the floor t passes no gradient (attnbench_variants.ops.norms)."""
+    norm = t.norm()
+    return t / norm if norm > eps else t.detach() / eps
 
 
 def softmax(layer, x):

@@ -6,9 +6,10 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from attnbench.precision import run_in_float32
 from attnbench.variant import AttentionVariant
+from attnbench_variants.ops.norms import normalize
 
 
 def taylor_coefficient(i: int) -> float:
@@ -53,8 +54,14 @@ class AngularAttention(AttentionVariant):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        # float32 inside: the norms (|q|^2 overflows float16), arccos (its clamp 1 - 1e-6 rounds
+        # to 1 in half precision, where arccos' gradient is infinite) and the row sums.
+        return run_in_float32(self._attend, q, k, v, attn_mask).to(v.dtype)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         eps = self.options.eps
-        cos = F.normalize(q, dim=-1, eps=eps) @ F.normalize(k, dim=-1, eps=eps).transpose(-2, -1)
+        cos = normalize(q, eps) @ normalize(k, eps).transpose(-2, -1)
         sim = angular_similarity(cos, self.options.order)   # >= 0: a valid attention weight
         if attn_mask is not None:
             if attn_mask.dtype != torch.bool:

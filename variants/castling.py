@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 import torch
 
+from attnbench.precision import run_in_float32
 from attnbench.variant import preset
 from attnbench_variants.linear_angular import LinearAngularAttention, LinearAngularOptions
 from attnbench_variants.mask_schedules import BranchState, branch_state
@@ -75,13 +76,16 @@ class CastlingAttention(LinearAngularAttention):
         if state is None:
             return self.core(q, k, v)
         dropout = self.attn_drop if self.training and self.attn_drop.p > 0 else None
-        result = castling_attention(q, k, v, threshold=state.threshold, gate=state.gate, dropout=dropout,
-                                    need_row_sums=state.l1_weight > 0, **self.core_options(v))
+        # float32 inside, as the core (see core()), and for the branch: q k^T overflows float16
+        # on large tokens, and the mask compares probabilities with the threshold, which half
+        # precision's rounding (bfloat16: 8 bits) would move.
+        result = run_in_float32(castling_attention, q, k, v, threshold=state.threshold, gate=state.gate,
+                                dropout=dropout, need_row_sums=state.l1_weight > 0, **self.core_options(v))
         if result.row_sums is not None:
             self._penalty = state.l1_weight * result.row_sums.mean()  # S >= 0, so L1 = row sum
         self._stats = {"branch_ratio": result.branch_norm / result.prenorm.clamp_min(1e-12),
                        "mask_density": result.density}
-        return result.out
+        return result.out.to(v.dtype)
 
     def regularization(self) -> torch.Tensor:
         return self._penalty if self._penalty is not None else super().regularization()

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from attnbench.precision import run_in_float32
 from attnbench.variant import AttentionVariant
 
 FEATURE_MAPS = {
@@ -33,6 +34,12 @@ class LinearAttention(AttentionVariant):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        # float32 inside: the (d, d) state phi(k)^T v and the normaliser are sums over all N
+        # tokens (float16 overflows them, the known fp16 NaN of linear attention; bfloat16's 8
+        # bits blur the normaliser). O(N d^2), cheap beside the projections.
+        return run_in_float32(self._attend, q, k, v).to(v.dtype)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         phi = FEATURE_MAPS[self.options.feature_map]
         q, k = phi(q), phi(k)
         kv = k.transpose(-2, -1) @ v                                  # (B, h, d, d)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnbench.precision import run_in_float32
 from attnbench.variant import AttentionVariant
 from attnbench_variants.ops.linear_angular import compile_fell_back, linear_angular
 
@@ -79,7 +80,9 @@ class LinearAngularAttention(AttentionVariant):
         Runs the implementation selected by :mod:`attnbench.kernels` (fast by default, the
         plain reference with ``kernels.use("reference")``).
         """
-        return linear_angular(q, k, v, **self.core_options(v))
+        # float32 inside: the norms (|q|^2 overflows float16), the (d, d) context k^^T v, a sum
+        # over all N tokens, and the faithful row sum. O(N d^2), cheap beside the projections.
+        return run_in_float32(linear_angular, q, k, v, **self.core_options(v)).to(v.dtype)
 
     def core_options(self, v: torch.Tensor) -> dict:
         """Keyword options of the core ops for this layer: eps, constant, normalisation, residual."""

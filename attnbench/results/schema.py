@@ -87,8 +87,8 @@ COLUMNS: tuple[Column, ...] = (
     _c("kernel_requested", _S, "", "kernel implementation asked for: fast, reference or compile"),
     _c("kernel_implementation", _S, "", "kernel implementation that really ran for this variant (after any "
                                         "compile fallback); 'n/a' for a variant with a single implementation"),
-    _c("precision", _S, "", "numeric precision of training (the train config's 'precision'; float32 when absent)",
-       _TR),
+    _c("precision", _S, "", "numeric precision: float32, or bfloat16/float16 autocast; of training (trial rows, "
+                            "the train config's 'precision') or of the timed forwards (benchmark rows, --dtype)"),
     _c("train_config", _S, "", "JSON: every training setting as run (TrainConfig fields, defaults included)", _TR),
     _c("arch", _S, "", "timm architecture of the model", _TR),
     _c("model_kwargs", _S, "", "JSON: extra keyword arguments of the model", _TR),

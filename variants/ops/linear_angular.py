@@ -6,14 +6,15 @@ Per head, on q, k, v of shape (B, h, N, d)::
     out = y / max(|y|, eps)                     (if normalize_output)
           + DWConv_tokens(v) or another residual (added after the normalisation)
 
-with x^ = x / max(|x|, eps) per token (``F.normalize``; the official code has no eps). The
+with x^ = x / max(|x|, eps) per token (:func:`~attnbench_variants.ops.norms.normalize`: ``F.normalize``,
+except that a vector at the floor passes no gradient; the official code has no eps). The
 ``faithful`` constant replaces y by (0.5 sum_n v_n + (1/pi) q^ (k^^T v)) / (0.5 N + (1/pi) q^ . sum_n k^_n).
 
 Three implementations of the same numbers, chosen by :mod:`attnbench.kernels` (`ops.set_impl` /
 ``use_impl``) or the environment variable ``ATTNBENCH_OPS`` (default ``fast``):
 
 - ``reference`` (:func:`linear_angular_naive`): the formula as written: k^ and q^ materialised,
-  ``F.normalize`` three times, ``F.conv2d`` for the residual. Tests compare against it.
+  ``normalize`` three times, ``F.conv2d`` for the residual. Tests compare against it.
 - ``fast`` (:func:`linear_angular_fast`): the same algebra in fewer passes over memory and
   fewer kernels: q^ G = diag(1/|q|) q G, so q^ is never built and 0.5 v + (1/pi) q^ G is one
   ``addcdiv`` of 2 y = v + (2/pi) (q G) / |q|, whose factor 2 cancels in the normalisation
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from attnbench_variants.ops import IMPLS, get_impl, set_impl, use_impl
+from attnbench_variants.ops.norms import normalize, stop_floored
 
 __all__ = ["IMPLS", "get_impl", "set_impl", "use_impl", "linear_angular", "linear_angular_naive",
            "linear_angular_fast", "compile_fell_back", "dwconv_tokens", "add_dwconv_tokens_", "CoreSaved", "core_forward",
@@ -66,7 +68,7 @@ def linear_angular_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, e
 
     Args:
         q, k, v: (B, h, N, d).
-        eps: norm floor, ``F.normalize`` semantics x / max(|x|, eps).
+        eps: norm floor, x / max(|x|, eps) (:func:`~attnbench_variants.ops.norms.normalize`).
         constant: ``official`` (0.5 v) or ``faithful`` (0.5 sum v and the kernel row sum).
         normalize_output: divide y by its norm per token and head.
         extra: (B, h, N, d) added to y before the normalisation (Castling's S v).
@@ -77,8 +79,8 @@ def linear_angular_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, e
     Returns:
         out, or (out, |y|) with ``return_prenorm``.
     """
-    q_hat = F.normalize(q, dim=-1, eps=eps)
-    k_hat = F.normalize(k, dim=-1, eps=eps)
+    q_hat = normalize(q, eps)
+    k_hat = normalize(k, eps)
     context = k_hat.transpose(-2, -1) @ v                         # (B, h, d, d), no 1/N
     if constant == "official":
         y = 0.5 * v + (q_hat @ context) / math.pi
@@ -90,7 +92,7 @@ def linear_angular_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, e
         y = y + extra
     prenorm = y.detach().norm() if return_prenorm else None
     if normalize_output:
-        y = F.normalize(y, dim=-1, eps=eps)
+        y = normalize(y, eps)
     if conv_weight is not None:
         y = y + dwconv_tokens(v, conv_weight)
     if residual is not None:
@@ -240,13 +242,13 @@ def core_backward(saved: CoreSaved, grad: torch.Tensor, needs: tuple[bool, bool,
         P = grad_y G^T               dq = (c / |q|) (P - q^ (q^ . P))
         P_k = v dG^T                 dk = (P_k - k^ (k^ . P_k)) / |k|
 
-    where a norm floored at eps drops its projection term, as ``F.normalize``'s gradient does.
+    where a row whose norm is floored at eps gets no gradient (``ops.norms.normalize``).
     """
     q, k_hat, v, context, q_norm, k_norm, out, y_norm, weight, eps = saved
     c = 2.0 / math.pi
     if y_norm is not None:
         along = torch.linalg.vecdot(out, grad).unsqueeze(-1).masked_fill_(y_norm <= 2.0 * eps, 0.0)
-        grad_y = torch.addcmul(grad, out, along, value=-1.0).div_(y_norm)
+        grad_y = torch.addcmul(grad, out, along, value=-1.0).div_(y_norm).masked_fill_(y_norm <= 2.0 * eps, 0.0)
     else:
         grad_y = grad * 0.5
     q_hat = q / q_norm
@@ -255,11 +257,11 @@ def core_backward(saved: CoreSaved, grad: torch.Tensor, needs: tuple[bool, bool,
     if needs[0]:
         p = grad_y @ context.transpose(-2, -1)
         along = torch.linalg.vecdot(q_hat, p).unsqueeze(-1).masked_fill_(q_norm <= eps, 0.0)
-        grad_q = torch.addcmul(p, q_hat, along, value=-1.0).mul_(c / q_norm)
+        grad_q = torch.addcmul(p, q_hat, along, value=-1.0).mul_(c / q_norm).masked_fill_(q_norm <= eps, 0.0)
     if needs[1]:
         p = v @ grad_context.transpose(-2, -1)
         along = torch.linalg.vecdot(k_hat, p).unsqueeze(-1).masked_fill_(k_norm <= eps, 0.0)
-        grad_k = torch.addcmul(p, k_hat, along, value=-1.0).div_(k_norm)
+        grad_k = torch.addcmul(p, k_hat, along, value=-1.0).div_(k_norm).masked_fill_(k_norm <= eps, 0.0)
     if needs[2]:
         grad_v = torch.matmul(k_hat, grad_context).add_(grad_y)
         if weight is not None:   # the transposed filter: the same taps, mirrored
@@ -314,9 +316,12 @@ def _fast(q, k, v, eps, constant, normalize_output, extra, conv_weight, residual
     ``conv``: how the DWConv is added: ``taps`` (K multiply-adds in place, eager), ``conv2d``
     (what MAC counters can see) or ``shifted`` (no in-place step, for ``torch.compile``)."""
     c = 2.0 / math.pi
-    k_hat = k / _norm_floor(k, eps, inplace)              # the one (B, h, N, d) scratch
-    context = k_hat.transpose(-2, -1) @ v                 # (B, h, d, d)
+    k_norm = _norm_floor(k, eps, inplace)
     q_norm = _norm_floor(q, eps, inplace)
+    if not inplace:   # rows at the norm floor pass no gradient (ops.norms)
+        k, q = stop_floored(k, k_norm, eps), stop_floored(q, q_norm, eps)
+    k_hat = k / k_norm                                    # the one (B, h, N, d) scratch
+    context = k_hat.transpose(-2, -1) @ v                 # (B, h, d, d)
     if constant == "official":
         # 2 y = v + 2/pi (q (k^^T v)) / max(|q|, eps)
         if inplace:
@@ -342,7 +347,7 @@ def _fast(q, k, v, eps, constant, normalize_output, extra, conv_weight, residual
         if inplace:
             out = y.div_(norm.clamp_min_(scale * eps))
         else:
-            out = y / norm.clamp_min(scale * eps)
+            out = stop_floored(y, norm, scale * eps) / norm.clamp_min(scale * eps)
     else:
         prenorm = y.detach().norm() / scale if return_prenorm else None
         out = y.mul_(1.0 / scale) if scale != 1.0 else y
