@@ -155,13 +155,18 @@ def test_half_precision_checks_catch_overflow_and_inaccuracy(registered):
 # --- attnbench bench --dtype ---------------------------------------------------------------------
 
 def test_bench_builds_its_modules_at_the_precision():
-    from attnbench import bench
+    from attnbench import bench, kernels
 
-    module = bench._build_under("fast", 1, "layer", "linear-angular", 32, 2, 17, dtype="bfloat16", device="cpu")
-    with torch.inference_mode():
-        assert module(torch.randn(2, 17, 32)).dtype == torch.bfloat16
-    plain = bench._build_under("fast", 1, "layer", "linear-angular", 32, 2, 17)
-    assert not isinstance(plain, precision.AutocastModule)
+    # _build_under sets the kernel default of the (worker) process it runs in: put it back after.
+    previous = kernels.set_process_default(None)
+    try:
+        module = bench._build_under("fast", 1, "layer", "linear-angular", 32, 2, 17, dtype="bfloat16", device="cpu")
+        with torch.inference_mode():
+            assert module(torch.randn(2, 17, 32)).dtype == torch.bfloat16
+        plain = bench._build_under("fast", 1, "layer", "linear-angular", 32, 2, 17)
+        assert not isinstance(plain, precision.AutocastModule)
+    finally:
+        kernels.set_process_default(previous)
 
 
 def test_bench_cli_in_bfloat16_records_the_precision(tmp_path):
