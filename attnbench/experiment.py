@@ -357,8 +357,10 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
+        position = getattr(err, "position", None)   # a reader error: a character YAML does not allow
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else \
+            f" at character {position + 1}" if isinstance(position, int) else ""
+        problem = getattr(err, "problem", None) or getattr(err, "reason", None) or "invalid YAML"
         raise ExperimentError(source, "", f"not valid YAML{where}: {problem}") from None
     return parse_experiment(raw, source, default_name=path.stem)
 

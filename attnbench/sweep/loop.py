@@ -106,10 +106,10 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
         with SigintGuard() as sigint:
             ran = _sweep_loop(study, ctx, claim, sigint, deadline, target, display, wait_for_others)
         state = study_progress(study)
+        failures = [TrialFailure(trial_key(t), str(t.user_attrs.get("label", "")),
+                                 str(t.user_attrs.get(ERROR_ATTR, ""))) for t in state.failures]
     if display:
         display.update(study, state, target)
-    failures = [TrialFailure(trial_key(t), str(t.user_attrs.get("label", "")), str(t.user_attrs.get(ERROR_ATTR, "")))
-                for t in state.failures]
     return SweepSummary(experiment.name, url, ctx.results, state.done, state.failed, target, ran, state.pruned,
                         failures, len(retried))
 
