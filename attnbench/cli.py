@@ -230,13 +230,13 @@ class RichSweepDisplay:
         self.task = self.progress.add_task(f"sweep {escape(experiment.name)}", total=None, status="")
 
     def __enter__(self):
-        self.progress.start()
-        return self
+        return self   # the bar starts with the first update: a refused experiment prints only its errors
 
     def __exit__(self, *exc):
         self.progress.stop()
 
     def update(self, study, state, target) -> None:
+        self.progress.start()
         best = self._best(study)
         status = f"running {state.running}  failed {state.failed}" + (f"  best {best}" if best else "")
         self.progress.update(self.task, completed=state.done, total=target, status=escape(status))

@@ -68,11 +68,12 @@ _SHOWN_CHARS = 80   # a value echoed in an error is cut here: one line, even for
 
 
 class ExperimentError(ValueError):
-    """A malformed experiment: ``FILE: field 'a.b': what was expected``."""
+    """A malformed experiment: ``FILE: field 'a.b': what was expected`` (``FILE: option '--x': ...``
+    for a command-line option the experiment cannot run with)."""
 
     def __init__(self, source: str, field: str, message: str):
         self.source, self.field = source, field
-        where = f"field '{field}': " if field else ""
+        where = "" if not field else f"option '{field}': " if field.startswith("--") else f"field '{field}': "
         super().__init__(f"{source}: {where}{message}")
 
 

@@ -173,14 +173,14 @@ class _Check:
         key = json.dumps(data_options, sort_keys=True, default=str)
         if key in self.data_facts:
             return self.data_facts[key]
+        from attnbench.data import DataError
+
         try:
             splits = loader(data_options)
             if splits.img_size < 1:
-                raise ValueError(f"the image size must be a positive number of pixels, got {splits.img_size}")
+                raise DataError(f"the image size must be a positive number of pixels, got {splits.img_size}")
             splits.train[0]   # preprocess one image: a size or option the loader accepted lazily fails here
         except Exception as err:  # noqa: BLE001 - any loader error is one line about the data
-            from attnbench.data import DataError
-
             text = str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
             self.problem(self._data_field(text, data_options, param), _one_line(text))
             return None
@@ -198,6 +198,8 @@ class _Check:
             return "data.root"
         given = [k for k in self.e.data_options if k != "seed"]
         named = [k for k in given if re.search(rf"\b{re.escape(k)}\b", message)]
+        if not named and len(given) == 1:   # the loader failed on the one option the file sets
+            named = given
         if "image size" in message and "img_size" in given:
             named = ["img_size"]
         return f"data.options.{named[0]}" if named else ("data.options" if given else "data")
