@@ -10,7 +10,6 @@ import signal
 import socket
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +21,7 @@ from attnbench.experiment import Experiment
 from attnbench.experiment_check import check_experiment
 from attnbench.sweep.storage import StorageLock, heartbeat_settings, storage_url, study_lock
 from attnbench.sweep.study import (ERROR_ATTR, StudyProgress, claim_worker_slot, fail_orphaned_trials, make_sampler,
-                                   open_study, requeue, requeue_failures, study_progress, trial_by_number,
+                                   open_study, quiet_optuna, requeue, requeue_failures, study_progress, trial_by_number,
                                    trial_key, was_taken_over, worker_sampler_seed)
 from attnbench.sweep.trial import TrialContext, TrialFailed, TrialTakenOver, run_trial
 
@@ -81,7 +80,7 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
         KeyboardInterrupt: Ctrl-C; finished trials are stored, the one cut short runs again later.
     """
     checked = check_experiment(experiment, device=device, results_dir=results_dir)
-    with _quiet_optuna():
+    with quiet_optuna():
         url = storage_url(experiment, results_dir, storage)
         study = open_study(experiment, url, worker_sampler_seed(experiment, worker_index or 0))
         if worker_index is None:
@@ -112,21 +111,6 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
         display.update(study, state, target)
     return SweepSummary(experiment.name, url, ctx.results, state.done, state.failed, target, ran, state.pruned,
                         failures, len(retried))
-
-
-@contextlib.contextmanager
-def _quiet_optuna():
-    """Optuna's own log lines and experimental-feature warnings off while a sweep runs (failures
-    are reported through the display; heartbeats and retries are what make resuming safe), and
-    back as they were after."""
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-            yield
-    finally:
-        optuna.logging.set_verbosity(verbosity)
 
 
 def _sweep_loop(study: optuna.Study, ctx: TrialContext, claim: StorageLock, sigint: "SigintGuard",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import warnings
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -28,6 +29,21 @@ SLOT_ATTR = "attnbench_worker_slots"     # study user attr: worker slots handed 
 
 # --- opening ----------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def quiet_optuna():
+    """Optuna's own log lines and experimental-feature warnings off (failures are reported through
+    attnbench's display; heartbeats and retries, marked experimental, are what make resuming
+    safe), and back as they were after."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def open_study(experiment: Experiment, url: str, sampler_seed: int) -> optuna.Study:
     """Create or load the experiment's study (safe when workers start together).
 
@@ -44,7 +60,7 @@ def open_study(experiment: Experiment, url: str, sampler_seed: int) -> optuna.St
         # Workers starting together on an empty database race to create Optuna's schema (tables,
         # enum types, the alembic stamp) and the study: take turns, and retry against other tools.
         # Once the schema is complete, many workers may open the storage at once.
-        with contextlib.nullcontext() if schema_ready(url) else StorageLock(url, "attnbench:create"):
+        with quiet_optuna(), contextlib.nullcontext() if schema_ready(url) else StorageLock(url, "attnbench:create"):
             storage = make_storage(url)
             study = with_retries(lambda: optuna.create_study(
                 study_name=experiment.name, storage=storage, load_if_exists=True, pruner=pruner,
