@@ -249,7 +249,11 @@ class Experiment:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _config(self, label: str) -> VariantConfig:
-        return next(c for c in self.configs if c.label == label)
+        for config in self.configs:
+            if config.label == label:
+                return config
+        raise ValueError(f"no configuration is labelled '{label}' in {self.source} (a trial of an earlier "
+                         f"version of the file?)")
 
     def _grid_configs(self) -> dict[str, tuple[VariantConfig, dict[str, Any]]]:
         """Grid choice -> (listed configuration, values of its own search)."""

@@ -387,28 +387,35 @@ def test_retry_failed_runs_failures_of_an_unchanged_file_again(tmp_path, nan_var
 # --- a trial taken over by another worker -------------------------------------------------------
 
 def test_a_worker_whose_trial_was_taken_over_stores_nothing_and_goes_on(tmp_path, monkeypatch):
-    """What a stalled worker meets when it comes back: its trial was failed and queued again by
-    another worker (here simulated mid-training). It writes no file and raises nothing; the
-    re-run's rows stand, one per (trial, seed), each from a COMPLETE trial."""
+    """What a stalled worker meets when it comes back: meanwhile another worker failed its trial,
+    ran it again and stored the re-run's rows (simulated here while the first seed trains). The
+    stalled worker must not replace that file, must raise nothing, and the sweep goes on."""
     import optuna
     from optuna.trial import TrialState
 
     import attnbench.sweep.trial as trial_module
-    from attnbench.sweep.study import _fail_trial_of_another_worker, requeue
+    from attnbench.sweep.study import RETRY_ATTR, _fail_trial_of_another_worker
 
     real_fit, taken = trial_module.fit, []
 
-    def fit_then_lose_the_trial(*args, **kwargs):
+    def fit_while_another_worker_takes_over(*args, **kwargs):
         result = real_fit(*args, **kwargs)
-        if not taken:   # another worker's view of the storage: fail the running trial, queue a re-run
+        if not taken:
             other = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'results/tiny/study.db'}")
-            running = other.get_trials(states=(TrialState.RUNNING,))[0]
-            _fail_trial_of_another_worker(other, running)
-            requeue(other, [running])
-            taken.append(running.number)
+            mine = other.get_trials(states=(TrialState.RUNNING,))[0]
+            _fail_trial_of_another_worker(other, mine)   # as fail_stale_trials does
+            other.add_trial(optuna.trial.create_trial(   # the re-run, finished by the other worker
+                state=TrialState.COMPLETE, value=50.0, params=mine.params, distributions=mine.distributions,
+                user_attrs={RETRY_ATTR: mine.number, "label": "softmax"}, system_attrs=dict(mine.system_attrs)))
+            rerun = other.trials[-1].number
+            store.write_rows(tmp_path / "results" / "tiny", [
+                {"kind": "trial", "study": "tiny", "trial": mine.number, "optuna_trial": rerun, "seed": seed,
+                 "label": mine.user_attrs["label"], "status": "complete", "worker": "other:1"} for seed in (0, 1)],
+                f"trials/trial-{mine.number:05d}")
+            taken.append(mine.number)
         return result
 
-    monkeypatch.setattr(trial_module, "fit", fit_then_lose_the_trial)
+    monkeypatch.setattr(trial_module, "fit", fit_while_another_worker_takes_over)
     logged = []
 
     class Display:
@@ -420,7 +427,7 @@ def test_a_worker_whose_trial_was_taken_over_stores_nothing_and_goes_on(tmp_path
 
     experiment = load_experiment(experiment_file(tmp_path, variants=("softmax", "identity"), latency="false"))
     summary = run_sweep(experiment, results_dir=tmp_path / "results", device="cpu", display=Display())
-    assert taken and (summary.done, summary.failed) == (2, 0)
+    assert taken and (summary.done, summary.failed, summary.ran_here) == (2, 0, 1)
     assert any("was taken over by another worker" in m for m in logged), logged
     study = optuna.load_study(study_name="tiny", storage=summary.storage)
     states = {t.number: t.state for t in study.trials}
@@ -428,3 +435,4 @@ def test_a_worker_whose_trial_was_taken_over_stores_nothing_and_goes_on(tmp_path
     df = rows(tmp_path / "results", "tiny")
     assert len(df) == 4 and not df.duplicated(["trial", "seed"]).any()
     assert all(states[n] == TrialState.COMPLETE for n in df["optuna_trial"]), df[["trial", "optuna_trial"]]
+    assert (df[df["trial"] == taken[0]]["worker"] == "other:1").all(), "the re-run's file stands"
