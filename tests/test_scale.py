@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -135,29 +134,12 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again(tmp_path, pg_url):
 
 
 def _kill_one_mid_trial(procs: list[subprocess.Popen], url: str, name: str) -> tuple[subprocess.Popen, int]:
-    """SIGKILL the worker of a trial that has just started, once two trials are complete (so it is
-    surely mid-trial, not finishing); returns (its process, the trial number)."""
-    by_pid = {p.pid: p for p in procs}
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        for p in procs:
-            assert p.poll() is None, f"worker {p.pid} exited early with {p.returncode}"
-        try:
-            study = optuna.load_study(study_name=name, storage=url)
-        except Exception:  # noqa: BLE001 - the schema or the study is not created yet
-            time.sleep(0.2)
-            continue
-        trials = study.get_trials(deepcopy=False)
-        if sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 2:
-            for t in trials:
-                pid = int(str(t.user_attrs.get("worker", ":0")).rsplit(":", 1)[1])
-                fresh = t.datetime_start is not None and (datetime.now() - t.datetime_start).total_seconds() < 0.4
-                if t.state == optuna.trial.TrialState.RUNNING and pid in by_pid and fresh:
-                    os.kill(pid, signal.SIGKILL)
-                    by_pid[pid].wait(timeout=30)
-                    return by_pid[pid], t.number
-        time.sleep(0.05)
-    raise AssertionError("no worker was seen running a trial")
+    """SIGKILL the worker of a trial it has started and not finished, once two trials are complete;
+    returns (its process, the trial number)."""
+    victim, number = _pause_one_mid_trial(procs, url, name, after_complete=2)
+    victim.kill()
+    victim.wait(timeout=30)
+    return victim, number
 
 
 def test_a_paused_worker_finds_its_trial_taken_over_and_writes_nothing(tmp_path, pg_url):
@@ -206,9 +188,11 @@ def test_a_paused_worker_finds_its_trial_taken_over_and_writes_nothing(tmp_path,
     assert not rows[rows["trial"] == number]["worker"].str.endswith(f":{paused.pid}").any(), "the re-run's rows"
 
 
-def _pause_one_mid_trial(procs: list[subprocess.Popen], url: str, name: str) -> tuple[subprocess.Popen, int]:
+def _pause_one_mid_trial(procs: list[subprocess.Popen], url: str, name: str,
+                         after_complete: int = 0) -> tuple[subprocess.Popen, int]:
     """SIGSTOP the worker of a trial it has started and not finished (checked after the stop, and
-    resumed to try again if it finished first); returns (its process, the trial number)."""
+    resumed to try again if it finished first), once ``after_complete`` trials are complete;
+    returns (its process, the trial number)."""
     by_pid = {p.pid: p for p in procs}
     deadline = time.monotonic() + 180
     study = None
@@ -220,7 +204,11 @@ def _pause_one_mid_trial(procs: list[subprocess.Popen], url: str, name: str) -> 
         except Exception:  # noqa: BLE001 - the schema or the study is not created yet
             time.sleep(0.2)
             continue
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        trials = study.get_trials(deepcopy=False)
+        if sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) < after_complete:
+            time.sleep(0.1)
+            continue
+        for t in (t for t in trials if t.state == optuna.trial.TrialState.RUNNING):
             pid = int(str(t.user_attrs.get("worker", ":0")).rsplit(":", 1)[1])
             if pid in by_pid:
                 os.kill(pid, signal.SIGSTOP)

@@ -170,12 +170,13 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
         TrialTakenOver: another worker took the trial over; nothing was stored.
     """
     e = ctx.experiment
+    # First: which worker runs it (host:pid), for watching a study; a trial naming none is an orphan.
+    trial.set_user_attr("worker", ctx.worker)
     key = trial_key(trial_by_number(trial.study, trial.number))
     params = _suggest(trial, e)
     config = e.resolve(params)
     ctx = dataclasses.replace(ctx, splits=ctx.data(config.data_options))
     trial.set_user_attr("label", config.label)
-    trial.set_user_attr("worker", ctx.worker)   # which worker runs it (host:pid), for watching a study
     trial.set_user_attr(EXPERIMENT_ATTR, e.fingerprint())
     prunable = e.base_label(params) != e.baseline   # the baseline is never pruned: every Δ needs it
     rows: list[dict] = []
