@@ -86,63 +86,95 @@ def _conformance_cell(name: str) -> str:
 @click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path),
               help="Results folder; rows go to RESULTS/<study>/trials/.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
-@click.option("--dry-run", is_flag=True, help="Print the resolved plan (trials, MACs per configuration); train nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Check the experiment and print the resolved plan (trials, MACs per configuration); train nothing.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Local worker processes sharing the study.")
 @click.option("--worker-index", default=None, type=click.IntRange(min=0),
               help="Fix this worker's slot: its sampler seed is seed x 1000 + INDEX (grid: one seed for all) "
                    "[default: the study's next free slot].")
+@click.option("--retry-failed", is_flag=True,
+              help="Run the study's failed trials again (those that failed under an earlier version of the "
+                   "file always are).")
 def sweep_command(experiment_file: Path, storage, results_dir: Path, device: str, dry_run: bool, workers: int,
-                  worker_index: int) -> None:
-    """Run (or resume) the Optuna study described by EXPERIMENT_FILE."""
+                  worker_index: int, retry_failed: bool) -> None:
+    """Run (or resume) the Optuna study described by EXPERIMENT_FILE.
+
+    Exit status: 0 every trial finished, 1 some failed (named with their reasons), 2 the experiment
+    was refused (nothing written), 130 interrupted (run the same command again to resume).
+    """
     from attnbench.experiment import ExperimentError, load_experiment
+    from attnbench.experiment_check import ExperimentRefused, check_experiment
 
     try:
         experiment = load_experiment(experiment_file)
+        if dry_run or workers > 1:
+            checked = check_experiment(experiment, device=device, results_dir=results_dir)
     except ExperimentError as err:
         fail(str(err))
+    except ExperimentRefused as err:
+        _refuse(err)
     if dry_run:
-        _print_plan(experiment)
-        return
-    if workers > 1:
-        _run_workers(experiment_file, experiment, storage, results_dir, device, workers, worker_index)
-        return
-    _run_sweep(experiment, storage, results_dir, device, worker_index)
+        _print_plan(checked)
+    elif workers > 1:
+        _run_workers(experiment_file, experiment, storage, results_dir, device, workers, worker_index,
+                     retry_failed)
+    else:
+        _run_sweep(experiment, storage, results_dir, device, worker_index, retry_failed)
 
 
-def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index: int) -> None:
+def _refuse(refused) -> "NoReturn":  # noqa: F821
+    """Every problem of a refused experiment, one line each; exit 2."""
+    for problem in refused.problems:
+        err_console.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index: int, retry_failed: bool) -> None:
     from attnbench import sweep
-    from attnbench.data import DataError
+    from attnbench.experiment_check import ExperimentRefused
 
     display = RichSweepDisplay(experiment)
     try:
         with display:
             summary = sweep.run_sweep(experiment, results_dir=results_dir, storage=storage, device=device,
-                                      worker_index=worker_index, display=display)
+                                      worker_index=worker_index, display=display, retry_failed=retry_failed)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted:[/] finished trials are stored; run the same command again "
                           "to resume.")
         sys.exit(130)
-    except DataError as err:
-        fail(f"{experiment.source}: field 'data': {err}")
+    except ExperimentRefused as err:
+        _refuse(err)
     except sweep.StorageError as err:
         fail(str(err))
+    pruned = f", {summary.pruned} pruned" if summary.pruned else ""
     console.print(f"study [bold]{escape(summary.study)}[/]: {summary.done} trials finished "
-                  f"({summary.failed} failed), {summary.ran_here} run now; "
-                  + escape(f"rows in {summary.results}/trials; storage {summary.storage}"))
-    console.print(f"next: [bold]{escape(f'attnbench report --results {results_dir}')}[/]")
+                  f"({summary.failed} failed{pruned}), {summary.ran_here} run now; rows in "
+                  f"{escape(str(summary.results))}/trials; storage {escape(summary.storage)}", highlight=False)
+    if summary.failures:
+        for failure in summary.failures:
+            err_console.print(f"[red]failed:[/] trial {failure.key} ({escape(failure.label)}): "
+                              f"{escape(failure.reason)}", highlight=False, soft_wrap=True)
+        err_console.print("fix the cause and run the same command again (with --retry-failed if the experiment "
+                          "file is unchanged)", highlight=False)
+        sys.exit(1)
+    console.print(f"next: [bold]attnbench report --results {escape(str(results_dir))}[/]", highlight=False)
 
 
 def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, device: str, workers: int,
-                 first_index=None) -> None:
-    """Start ``workers`` local processes on one study; each pulls trials from the shared storage."""
+                 first_index, retry_failed: bool) -> None:
+    """Start ``workers`` local processes on one study; each pulls trials from the shared storage.
+    Exits with the most telling of their statuses: 130 if interrupted, else 2, 1, 0."""
     import subprocess
 
     from attnbench import sweep
 
     url = sweep.storage_url(experiment, results_dir, storage)
     try:
-        sweep.open_study(experiment, url, experiment.sampler_seed)   # create it once, before the workers race
+        study = sweep.open_study(experiment, url, experiment.sampler_seed)   # once, before the workers race
+        if retry_failed:   # here, once: each worker queuing them again would run them several times
+            with sweep.study_lock(url, experiment.name):
+                sweep.requeue_failures(study, experiment, everything=True)
     except sweep.StorageError as err:
         fail(str(err))
     command = [sys.executable, "-m", "attnbench.cli", "sweep", str(experiment_file), "--storage", url,
@@ -157,19 +189,21 @@ def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, 
         for p in procs:
             p.wait()
         sys.exit(130)
+    for code in (130, 2, 1):
+        if code in codes:
+            err_console.print(f"{codes.count(code)} of {workers} workers exited with status {code} "
+                              f"(statuses {codes})", highlight=False)
+            sys.exit(code)
     if any(codes):
-        fail(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error (codes {codes})")
+        fail(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error (statuses {codes})")
 
 
-def _print_plan(experiment) -> None:
+def _print_plan(checked) -> None:
     from attnbench import sweep
-    from attnbench.data import DataError
 
-    try:
-        arch, rows = sweep.plan(experiment)
-    except DataError as err:
-        fail(f"{experiment.source}: field 'data': {err}")
-    table = Table(title=escape(f"plan of study '{experiment.name}' ({experiment.source})"))
+    experiment = checked.experiment
+    arch, rows = sweep.plan(checked)
+    table = Table(title=f"plan of study '{escape(experiment.name)}' ({escape(experiment.source)})")
     for column in ("configuration", "variant", "options", "tokens", "MACs (inference)", "attention MACs", "params"):
         table.add_column(column, overflow="fold")
     for config, costs in rows:
@@ -180,10 +214,13 @@ def _print_plan(experiment) -> None:
     n_trials = experiment.n_trials()
     continuous = "" if experiment.plan() else \
         f" (continuous search space: configurations sampled by {experiment.sampler})"
-    console.print(escape(f"{n_trials if n_trials is not None else 'time-limited'} trials x {len(experiment.seeds)} seeds "
+    pruning = f"; pruning on (never the baseline '{experiment.baseline}')" if experiment.pruning and \
+        experiment.baseline else "; pruning on" if experiment.pruning else ""
+    console.print(f"{n_trials if n_trials is not None else 'time-limited'} trials x {len(experiment.seeds)} seeds "
                   f"{list(experiment.seeds)}; sampler {experiment.sampler}; objectives "
                   f"{', '.join(f'{o.direction} {o.metric}' for o in experiment.objectives)}; model {arch} "
-                  f"on {experiment.dataset}{continuous}"))
+                  f"on {experiment.dataset}, device {checked.device}{escape(continuous)}{escape(pruning)}",
+                  highlight=False)
 
 
 class RichSweepDisplay:
@@ -195,16 +232,16 @@ class RichSweepDisplay:
         self.experiment = experiment
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err_console)
-        self.task = self.progress.add_task(escape(f"sweep {experiment.name}"), total=None, status="")
+        self.task = self.progress.add_task(f"sweep {escape(experiment.name)}", total=None, status="")
 
     def __enter__(self):
-        self.progress.start()
-        return self
+        return self   # the bar starts with the first update: a refused experiment prints only its errors
 
     def __exit__(self, *exc):
         self.progress.stop()
 
     def update(self, study, state, target) -> None:
+        self.progress.start()
         best = self._best(study)
         status = f"running {state.running}  failed {state.failed}" + (f"  best {best}" if best else "")
         self.progress.update(self.task, completed=state.done, total=target, status=escape(status))

@@ -11,6 +11,7 @@ compare and/or a search space over variant options, a sampler, objectives and a 
     variants:                       # each entry is one configuration (label, variant, options)
       - softmax
       - {label: linear-relu, variant: linear, options: {feature_map: relu}}
+      - {label: la, variant: linear-angular, search: {kernel_size: [3, 9]}}   # swept on this one only
     search:                         # optional: options swept on every configuration
       schedule_end: {low: 0.3, high: 0.9}     # a range; its type comes from the option
       mask_schedule: [gate_linear, l1_ramp]   # a list: categorical
@@ -18,12 +19,16 @@ compare and/or a search space over variant options, a sampler, objectives and a 
     objectives: [{metric: top1, direction: maximize}]
     budget: {trials: 20, timeout_s: 900}
 
-Every error names the file, the field path and what was expected, in one line.
+Every error names the file, the field path and what was expected, in one line. What can only be
+checked by building the models and opening the data is checked by :mod:`attnbench.experiment_check`
+before a sweep writes anything; docs/experiments.md lists every field.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -35,7 +40,7 @@ from attnbench.results.schema import OBJECTIVES
 from attnbench.variant import OptionSpec, did_you_mean, option_specs, parse_options
 
 __all__ = ["Experiment", "ExperimentError", "ParamSpec", "VariantConfig", "Objective", "MeasureSpec",
-           "load_experiment", "parse_experiment", "METRICS", "SAMPLERS"]
+           "load_experiment", "parse_experiment", "METRICS", "SAMPLERS", "TOP_LEVEL_FIELDS"]
 
 #: Objective metrics a trial reports (means over seeds), with their natural direction: the
 #: result columns that may be objectives (attnbench.results.schema.OBJECTIVES).
@@ -44,32 +49,33 @@ SAMPLERS = ("grid", "tpe", "nsga2", "random")
 CONFIG_PARAM = "config"   # the Optuna parameter that picks one of several listed configurations
 DATA_PREFIX = "data."     # search keys naming a data set option (e.g. ``data.img_size``), not a variant's
 
-_TOP_KEYS = ("name", "description", "model", "data", "train", "seeds", "variants", "search", "sampler",
-             "objectives", "budget", "pruning", "storage", "measure", "constraints")
+#: The top-level fields of an experiment file (docs/experiments.md describes each).
+TOP_LEVEL_FIELDS = ("name", "description", "model", "data", "train", "seeds", "variants", "baseline", "search",
+                    "sampler", "objectives", "budget", "pruning", "storage", "measure", "constraints")
+CONFIG_FIELDS = ("label", "variant", "options", "search")   # the fields of one entry under 'variants'
+#: TrainConfig fields a sweep sets itself, per seed and per worker.
+_TRAIN_SET_BY_SWEEP = {"seed": "the sweep trains once per entry of 'seeds'",
+                       "device": "the device is chosen on the command line (--device)"}
+_SHOWN_CHARS = 80   # a value echoed in an error is cut here: one line, even for a file of garbage
 
 
 class ExperimentError(ValueError):
-    """A malformed experiment: ``FILE: field 'a.b': what was expected``."""
+    """A malformed experiment: ``FILE: field 'a.b': what was expected`` (``FILE: option '--x': ...``
+    for a command-line option the experiment cannot run with)."""
 
     def __init__(self, source: str, field: str, message: str):
         self.source, self.field = source, field
-        where = f"field '{field}': " if field else ""
+        where = "" if not field else f"option '{field}': " if field.startswith("--") else f"field '{field}': "
         super().__init__(f"{source}: {where}{message}")
 
 
 @dataclasses.dataclass(frozen=True)
-class VariantConfig:
-    """One configuration to compare: a label, a registered variant and its options."""
-
-    label: str
-    variant: str
-    options: dict[str, Any]
-    data_options: dict[str, Any] = dataclasses.field(default_factory=dict)   # swept ``data.*`` values
-
-
-@dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    """A swept variant option: categorical ``choices`` or a ``low``..``high`` range."""
+    """A swept option: categorical ``choices`` or a ``low``..``high`` range.
+
+    ``name`` is the option (``schedule_end``, or ``data.img_size`` for a data set option);
+    ``field`` is where the file declares it (``search.schedule_end``), for error messages.
+    """
 
     name: str
     kind: str                       # "categorical", "int" or "float"
@@ -78,6 +84,7 @@ class ParamSpec:
     high: Optional[float] = None
     log: bool = False
     step: Optional[float] = None
+    field: str = dataclasses.field(default="", compare=False)
 
     def grid_values(self) -> list:
         """Finite values for the grid sampler (int ranges are expanded by ``step``)."""
@@ -86,6 +93,31 @@ class ParamSpec:
         if self.kind == "int":
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         raise ValueError(f"option '{self.name}' is a float range; the grid sampler needs a list of values")
+
+    def ends(self) -> list:
+        """The values a check must try: every choice, or both ends of the range."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.kind == "int":
+            return [int(self.low), int(self.low) + (int(self.high) - int(self.low)) // int(self.step or 1)
+                    * int(self.step or 1)]
+        return [self.low, self.high]
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantConfig:
+    """One configuration to compare: a label, a registered variant and its options.
+
+    ``search`` holds the options swept on this configuration alone (its own ``search`` in the
+    file); a configuration resolved for a trial has them applied and ``search`` empty.
+    """
+
+    label: str
+    variant: str
+    options: dict[str, Any]
+    data_options: dict[str, Any] = dataclasses.field(default_factory=dict)   # swept ``data.*`` values
+    search: tuple[ParamSpec, ...] = ()
+    field: str = dataclasses.field(default="", compare=False)   # e.g. ``variants[1]``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,14 +162,31 @@ class Experiment:
     storage: Optional[str]
     measure: MeasureSpec
     max_macs: Optional[int]
+    baseline: Optional[str] = None   # the label of the configuration never pruned
 
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 
+    def config_choices(self) -> list[str]:
+        """The values of the ``config`` parameter: the listed labels, and for the grid sampler one
+        entry per value of each configuration's own search (``hydra num_features=8``)."""
+        if self.sampler != "grid":
+            return [c.label for c in self.configs]
+        return list(self._grid_configs())
+
+    def own_params(self, label: str) -> list[tuple[str, ParamSpec]]:
+        """(Optuna parameter name, spec) of a listed configuration's own search, sampled after the
+        configuration is picked (``hydra/num_features``); none for the grid, which lists them."""
+        if self.sampler == "grid":
+            return []
+        config = self._config(label)
+        return [(f"{config.label}/{p.name}", p) for p in config.search]
+
     def grid(self) -> dict[str, list]:
-        """The grid sampler's search space: configuration labels and each swept option's values."""
-        space = {CONFIG_PARAM: [c.label for c in self.configs]} if len(self.configs) > 1 else {}
+        """The grid sampler's search space: configuration choices and each swept option's values."""
+        choices = self.config_choices()
+        space = {CONFIG_PARAM: choices} if len(choices) > 1 else {}
         space.update({p.name: p.grid_values() for p in self.search})
         return space
 
@@ -152,14 +201,20 @@ class Experiment:
 
     def resolve(self, params: dict[str, Any]) -> VariantConfig:
         """The configuration a trial's parameters pick, with swept options applied."""
-        label = params.get(CONFIG_PARAM, self.configs[0].label)
-        base = next(c for c in self.configs if c.label == label)
-        swept = {p.name: params[p.name] for p in self.search if p.name in params}
+        choice = params.get(CONFIG_PARAM, self.config_choices()[0])
+        grid = self._grid_configs() if self.sampler == "grid" else {}
+        if choice in grid:
+            base, own = grid[choice]
+        else:
+            base = self._config(choice)
+            own = {p.name: params[name] for name, p in self.own_params(base.label) if name in params}
+        swept = {**{p.name: params[p.name] for p in self.search if p.name in params}, **own}
         options = {k: v for k, v in swept.items() if not k.startswith(DATA_PREFIX)}
         data_options = {k[len(DATA_PREFIX):]: v for k, v in swept.items() if k.startswith(DATA_PREFIX)}
-        # Swept data options (resolution, say) make distinct configurations of one variant.
+        # Swept data options (resolution, say) make distinct configurations of one variant; swept
+        # variant options are told apart by the options themselves, as the report does.
         label = base.label + "".join(f" {k}={v}" for k, v in sorted(data_options.items()))
-        return VariantConfig(label, base.variant, {**base.options, **options}, data_options)
+        return VariantConfig(label, base.variant, {**base.options, **options}, data_options, field=base.field)
 
     def plan(self) -> list[VariantConfig]:
         """Every configuration of the grid (for ``--dry-run``); [] when the space is continuous."""
@@ -169,6 +224,43 @@ class Experiment:
             return []
         names = list(space)
         return [self.resolve(dict(zip(names, values))) for values in itertools.product(*space.values())]
+
+    def base_label(self, params: dict[str, Any]) -> str:
+        """The label, as listed under ``variants``, of the configuration a trial's parameters pick."""
+        choice = params.get(CONFIG_PARAM, self.config_choices()[0])
+        grid = self._grid_configs() if self.sampler == "grid" else {}
+        return grid[choice][0].label if choice in grid else self._config(choice).label
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides a trial's outcome (not the name, the budget or
+        where the study is stored): a failed trial from another fingerprint failed under a file
+        since changed, so a sweep runs it again."""
+        decisive = {k: v for k, v in dataclasses.asdict(self).items()
+                    if k not in ("name", "source", "description", "trials", "timeout_s", "storage")}
+        text = json.dumps(decisive, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _config(self, label: str) -> VariantConfig:
+        for config in self.configs:
+            if config.label == label:
+                return config
+        raise ValueError(f"no configuration is labelled '{label}' in {self.source} (a trial of an earlier "
+                         f"version of the file?)")
+
+    def _grid_configs(self) -> dict[str, tuple[VariantConfig, dict[str, Any]]]:
+        """Grid choice -> (listed configuration, values of its own search)."""
+        out = {}
+        for config in self.configs:
+            names = [p.name for p in config.search]
+            for values in itertools.product(*(p.grid_values() for p in config.search)):
+                own = dict(zip(names, values))
+                choice = config.label + "".join(f" {_option_name(k)}={v}" for k, v in own.items())
+                out[choice] = (config, own)
+        return out
+
+
+def _option_name(name: str) -> str:
+    return name[len(DATA_PREFIX):] if name.startswith(DATA_PREFIX) else name
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -236,7 +328,12 @@ def _join(field: str, key: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+    if value is None:
+        return "nothing"
+    shown = repr(value)
+    if len(shown) > _SHOWN_CHARS:
+        shown = f"{shown[:_SHOWN_CHARS]}... ({len(shown):,} characters)"
+    return f"{type(value).__name__} {shown}"
 
 
 def load_experiment(path: Union[str, Path]) -> Experiment:
@@ -257,8 +354,10 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
+        position = getattr(err, "position", None)   # a reader error: a character YAML does not allow
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else \
+            f" at character {position + 1}" if isinstance(position, int) else ""
+        problem = getattr(err, "problem", None) or getattr(err, "reason", None) or "invalid YAML"
         raise ExperimentError(source, "", f"not valid YAML{where}: {problem}") from None
     return parse_experiment(raw, source, default_name=path.stem)
 
@@ -268,7 +367,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
     r = _Reader(source)
     if raw is None:
         r.fail("", "the file is empty; expected a mapping with at least 'variants'")
-    top = r.mapping(raw, "", _TOP_KEYS)
+    top = r.mapping(raw, "", TOP_LEVEL_FIELDS)
     name = r.string(top.get("name", default_name), "name")
     if any(ch in name for ch in "/\\") or name.startswith("."):
         r.fail("name", f"expected a plain name usable as a folder, got {name!r}")
@@ -277,35 +376,40 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
     dataset, data_root, data_options = _data(r, top.get("data"))
     train = _train(r, top.get("train"), dataset, data_options)
     seeds = _seeds(r, top.get("seeds", [0]))
-    configs = _configs(r, top.get("variants"))
-    search = _search(r, top.get("search"), configs, dataset)
     sampler, sampler_seed = _sampler(r, top.get("sampler", "grid"))
+    configs = _configs(r, top.get("variants"), dataset, sampler)
+    search = _search(r, top.get("search"), configs, dataset)
+    baseline = _baseline(r, top.get("baseline"), configs)
     objectives = _objectives(r, top.get("objectives", [{"metric": "top1"}]))
     trials, timeout_s = _budget(r, top.get("budget"))
-    pruning = r.boolean(top.get("pruning", True), "pruning")
+    pruning = r.boolean(top.get("pruning", False), "pruning")
     storage = top.get("storage")
     if storage is not None:
         storage = r.string(storage, "storage")
     measure = _measure(r, top.get("measure"))
     _objectives_measured(r, objectives, measure)
     max_macs = _constraints(r, top.get("constraints"))
+    description = str(top.get("description", ""))
 
     experiment = Experiment(
-        name=name, source=source, description=str(top.get("description", "")), arch=arch,
+        name=name, source=source, description=description, arch=arch,
         model_kwargs=model_kwargs, dataset=dataset, data_root=data_root, data_options=data_options,
         train=train, seeds=seeds, configs=configs, search=search, sampler=sampler, sampler_seed=sampler_seed,
         objectives=objectives, trials=trials, timeout_s=timeout_s, pruning=pruning, storage=storage,
-        measure=measure, max_macs=max_macs)
+        measure=measure, max_macs=max_macs, baseline=baseline)
     if sampler == "grid":
         try:
-            experiment.grid()
+            size = experiment.grid_size()
         except ValueError as err:
             r.fail("search", f"{err}")
+        if trials is not None and trials > size:
+            r.fail("budget.trials", f"the grid has {size} point(s); {trials} trials would repeat some "
+                                    f"(leave 'budget.trials' out to run the whole grid once)")
     elif sampler == "nsga2" and not experiment.multi_objective:
         r.fail("sampler", "nsga2 is for several objectives; list at least two under 'objectives' or use tpe")
     if experiment.n_trials() is None and timeout_s is None:
         r.fail("budget", f"sampler '{sampler}' needs 'budget.trials' or 'budget.timeout_s'")
-    if experiment.multi_objective and pruning and "pruning" in top:
+    if experiment.multi_objective and pruning:
         r.fail("pruning", "multi-objective studies cannot prune; set 'pruning: false' (use constraints.max_macs)")
     return experiment
 
@@ -324,9 +428,9 @@ def _model(r: _Reader, raw: Any) -> tuple[Optional[str], dict]:
             r.fail("model.arch", f"unknown architecture '{arch}'{did_you_mean(arch, known)} "
                                  f"(a timm vit_*/deit_* name, e.g. vit_pico_patch2_8)")
     kwargs = r.mapping(model.get("kwargs"), "model.kwargs", tuple(model.get("kwargs") or ()))
-    for key in ("attn_layer", "pretrained", "num_classes", "in_chans", "img_size"):
+    for key in ("attn_layer", "pretrained", "num_classes", "in_chans", "img_size", "device", "dtype"):
         if key in kwargs:
-            r.fail(f"model.kwargs.{key}", "is set by attnbench (from the variant and the data); remove it")
+            r.fail(f"model.kwargs.{key}", "is set by attnbench (from the variant, the data and --device); remove it")
     return arch, dict(kwargs)
 
 
@@ -342,11 +446,28 @@ def _data(r: _Reader, raw: Any) -> tuple[str, Optional[str], dict]:
     root = spec.get("root")
     if root is not None:
         root = r.string(root, "data.root")
-    accepted = data.dataset_options(dataset)
-    options = r.mapping(spec.get("options"), "data.options", tuple(accepted))
-    options = dict(options)
+    accepted = {k: v for k, v in data.dataset_options(dataset).items() if k != "seed"}
+    options = dict(r.mapping(spec.get("options"), "data.options", tuple(accepted)))
+    for key, value in options.items():
+        _data_value(r, _data_option_spec(r, DATA_PREFIX + key, f"data.options.{key}", dataset), value,
+                    f"data.options.{key}")
     options["seed"] = r.integer(spec.get("seed", 0), "data.seed", minimum=0)
     return dataset, root, options
+
+
+def _data_value(r: _Reader, spec: OptionSpec, value: Any, field: str) -> None:
+    """A data set option's value has the type of its declared default (ranges: the data set's own
+    check, when the experiment check opens it)."""
+    if spec.kind == "bool":
+        r.boolean(value, field)
+    elif spec.kind == "int":
+        r.integer(value, field)
+    elif spec.kind == "float":
+        r.number(value, field)
+    elif spec.kind == "str":
+        r.string(value, field)
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        r.fail(field, f"expected a single value, got {_show(value)}")
 
 
 def _train(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
@@ -357,6 +478,8 @@ def _train(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
     # The resolved augmentation is always stored, so every result row says what was (not) applied.
     out = {"augment": _augment(r, spec.get("augment"), dataset, data_options)}
     for key, value in spec.items():
+        if key in _TRAIN_SET_BY_SWEEP:
+            r.fail(f"train.{key}", f"is set by attnbench: {_TRAIN_SET_BY_SWEEP[key]}; remove it")
         if key == "augment":
             continue
         default = fields[key].default
@@ -429,18 +552,24 @@ def _variant_name(r: _Reader, name: Any, field: str) -> str:
     return name
 
 
-def _configs(r: _Reader, raw: Any) -> tuple[VariantConfig, ...]:
+def _configs(r: _Reader, raw: Any, dataset: str, sampler: str) -> tuple[VariantConfig, ...]:
     if raw is None:
-        r.fail("variants", "missing; expected a list of variants (names or {label, variant, options})")
+        r.fail("variants", "missing; expected a list of variants (names or {label, variant, options, search})")
     configs = []
-    for field, entry in r.entries(raw, "variants", "variant", ("label", "variant", "options")):
+    for field, entry in r.entries(raw, "variants", "variant", CONFIG_FIELDS):
         if "variant" not in entry:
             r.fail(f"{field}.variant", "missing; expected a registered variant name")
         variant = _variant_name(r, entry["variant"], f"{field}.variant")
         options = r.mapping(entry.get("options"), f"{field}.options", tuple(entry.get("options") or ()))
         _check_options(r, variant, dict(options), f"{field}.options")
         label = r.string(entry.get("label", variant), f"{field}.label")
-        configs.append(VariantConfig(label, variant, dict(options)))
+        config = VariantConfig(label, variant, dict(options), field=field)
+        own = _search(r, entry.get("search"), (config,), dataset, f"{field}.search")
+        if sampler == "grid":
+            for p in own:
+                if p.kind == "float":
+                    r.fail(p.field, f"option '{p.name}' is a float range; the grid sampler needs a list of values")
+        configs.append(dataclasses.replace(config, search=own))
     labels = [c.label for c in configs]
     for label in labels:
         if labels.count(label) > 1:
@@ -465,42 +594,77 @@ def _data_option_spec(r: _Reader, name: str, field: str, dataset: str) -> Option
     from attnbench import data
 
     option = name[len(DATA_PREFIX):]
-    accepted = data.dataset_options(dataset)
-    if option not in accepted or option == "seed":
+    accepted = [k for k in data.dataset_options(dataset) if k != "seed"]
+    if option not in accepted:
         r.fail(field, f"data set '{dataset}' has no option '{option}'{did_you_mean(option, accepted)} "
                       f"(options: {', '.join(accepted)})")
-    default = accepted[option]
-    kind = {bool: "bool", int: "int", float: "float"}.get(type(default), "str")
+    default = data.dataset_options(dataset)[option]
+    kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(default), "any")
     return OptionSpec(name, kind, default)
 
 
-def _search(r: _Reader, raw: Any, configs: tuple[VariantConfig, ...], dataset: str) -> tuple[ParamSpec, ...]:
+def _search(r: _Reader, raw: Any, configs: tuple[VariantConfig, ...], dataset: str,
+            where: str = "search") -> tuple[ParamSpec, ...]:
+    """The options swept on ``configs`` (the study-wide ``search``, or one configuration's own),
+    each value checked: every choice, and both ends of a range, must be a valid option value."""
     if raw is None:
         return ()
-    if not isinstance(raw, dict):
-        r.fail("search", f"expected a mapping of option name to values or range, got {_show(raw)}")
+    if not isinstance(raw, dict) or not raw:
+        r.fail(where, f"expected a mapping of option name to values or range, got {_show(raw)}")
     params = []
     for name, value in raw.items():
-        field = f"search.{name}"
+        field = f"{where}.{name}"
+        if not isinstance(name, str):
+            r.fail(field, f"expected an option name, got {_show(name)}")
         if name == CONFIG_PARAM:
             r.fail(field, f"'{CONFIG_PARAM}' is reserved; list configurations under 'variants'")
         if name.startswith(DATA_PREFIX):
-            params.append(_param(r, name, value, _data_option_spec(r, name, field, dataset), field))
+            for config in configs:
+                if any(p.name == name for p in config.search):
+                    r.fail(field, f"'{name}' is also swept in {config.field}.search; sweep it in one place")
+            spec = _data_option_spec(r, name, field, dataset)
+            param = _param(r, name, value, spec, field)
+            for end in param.ends():
+                _data_value(r, spec, end, field)
+            params.append(param)
             continue
-        specs = []
+        spec = None
         for config in configs:
             variant_specs = {s.name: s for s in option_specs(get_variant(config.variant))}
             if name not in variant_specs:
-                r.fail(field, f"variant '{config.variant}' has no option '{name}'{did_you_mean(name, variant_specs)}")
-            specs.append(variant_specs[name])
-        params.append(_param(r, name, value, specs[0], field))
+                r.fail(field, f"variant '{config.variant}' has no option '{name}'{did_you_mean(name, variant_specs)}"
+                              f"{_per_config_hint(where)}")
+            if name in config.options:
+                r.fail(field, f"'{name}' is also fixed in {config.field}.options; sweep it or fix it, not both")
+            if any(p.name == name for p in config.search):
+                r.fail(field, f"'{name}' is also swept in {config.field}.search; sweep it in one place")
+            spec = spec or variant_specs[name]
+        param = _param(r, name, value, spec, field)
         for config in configs:
-            for choice in params[-1].choices:
+            for end in param.ends():
                 try:
-                    parse_options(get_variant(config.variant), {**config.options, name: choice})
+                    parse_options(get_variant(config.variant), {**config.options, name: end})
                 except ValueError as err:
                     r.fail(field, str(err))
+        params.append(param)
     return tuple(params)
+
+
+def _per_config_hint(where: str) -> str:
+    if where != "search":
+        return ""
+    return " (to sweep an option of some configurations only, give it under their own 'search')"
+
+
+def _baseline(r: _Reader, raw: Any, configs: tuple[VariantConfig, ...]) -> Optional[str]:
+    labels = [c.label for c in configs]
+    if raw is None:
+        return "softmax" if "softmax" in labels else None
+    label = r.string(raw, "baseline")
+    if label not in labels:
+        r.fail("baseline", f"no configuration is labelled '{label}'{did_you_mean(label, labels)} "
+                           f"(labels: {', '.join(labels)})")
+    return label
 
 
 def _param(r: _Reader, name: str, value: Any, spec: OptionSpec, field: str) -> ParamSpec:
@@ -513,8 +677,13 @@ def _param(r: _Reader, name: str, value: Any, spec: OptionSpec, field: str) -> P
             r.fail(f"{field}.choices", f"expected a non-empty list, got {_show(choices)}")
         if set(entry) != {"choices"}:
             r.fail(field, "give either 'choices' or 'low'/'high', not both")
-        return ParamSpec(name, "categorical", tuple(choices))
-    if spec.kind not in ("int", "float"):
+        for choice in choices:
+            if choice is not None and not isinstance(choice, (str, int, float, bool)):
+                r.fail(f"{field}.choices", f"expected single values, got {_show(choice)}")
+        if len(set(map(repr, choices))) != len(choices):
+            r.fail(f"{field}.choices", f"a value is listed twice: {_show(choices)}")
+        return ParamSpec(name, "categorical", tuple(choices), field=field)
+    if spec.kind not in ("int", "float", "any"):
         r.fail(field, f"option '{name}' is {spec.kind}; give a list of values, not a range")
     for key in ("low", "high"):
         if key not in entry:
@@ -528,11 +697,17 @@ def _param(r: _Reader, name: str, value: Any, spec: OptionSpec, field: str) -> P
     step = entry.get("step")
     if step is not None:
         step = r.number(step, f"{field}.step", positive=True)
-    if spec.kind == "int":
-        if low != int(low) or high != int(high):
-            r.fail(field, f"option '{name}' is an integer; expected integer bounds")
-        return ParamSpec(name, "int", low=int(low), high=int(high), log=log, step=int(step) if step else None)
-    return ParamSpec(name, "float", low=low, high=high, log=log, step=step)
+        if log:
+            r.fail(field, "give 'log' or 'step', not both (Optuna samples a log range without steps)")
+    kind = spec.kind
+    if kind == "any":   # an option whose default is None: the bounds say
+        kind = "int" if all(isinstance(entry[k], int) for k in ("low", "high")) else "float"
+    if kind == "int":
+        if low != int(low) or high != int(high) or (step is not None and step != int(step)):
+            r.fail(field, f"option '{name}' is an integer; expected integer bounds and step")
+        return ParamSpec(name, "int", low=int(low), high=int(high), log=log, step=int(step) if step else None,
+                         field=field)
+    return ParamSpec(name, "float", low=low, high=high, log=log, step=step, field=field)
 
 
 def _sampler(r: _Reader, raw: Any) -> tuple[str, int]:

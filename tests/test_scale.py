@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -135,26 +134,87 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again(tmp_path, pg_url):
 
 
 def _kill_one_mid_trial(procs: list[subprocess.Popen], url: str, name: str) -> tuple[subprocess.Popen, int]:
-    """SIGKILL the worker of a trial that has just started, once two trials are complete (so it is
-    surely mid-trial, not finishing); returns (its process, the trial number)."""
+    """SIGKILL the worker of a trial it has started and not finished, once two trials are complete;
+    returns (its process, the trial number)."""
+    victim, number = _pause_one_mid_trial(procs, url, name, after_complete=2)
+    victim.kill()
+    victim.wait(timeout=30)
+    return victim, number
+
+
+def test_a_paused_worker_finds_its_trial_taken_over_and_writes_nothing(tmp_path, pg_url):
+    """SIGSTOP a worker mid-trial past the grace period: another worker fails its trial and runs it
+    again. SIGCONT: the paused worker finishes training, finds the trial no longer its own, stores
+    nothing (the re-run's file stands) and exits 0 without a traceback."""
+    results = tmp_path / "results"
+    path = tmp_path / "paused.yaml"
+    path.write_text(HEAD.format(name="paused").replace("max_steps: 2", "max_steps: 20") + "sampler: grid\n"
+                    "variants: [softmax, identity]\n")
+    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen(sweep_command(path, pg_url, results), env=SHORT_HEARTBEAT, stdout=log,
+                              stderr=subprocess.STDOUT) for log in logs]
+    try:
+        paused, number = _pause_one_mid_trial(procs, pg_url, "paused")
+        study = optuna.load_study(study_name="paused", storage=pg_url)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:   # the other worker re-runs the paused worker's trial
+            if any(t.number != number and trial_key(t) == number and t.state == optuna.trial.TrialState.COMPLETE
+                   for t in study.get_trials(deepcopy=False)):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the paused worker's trial was not run again")
+        os.kill(paused.pid, signal.SIGCONT)
+        for p in procs:
+            p.wait(timeout=240)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+        for log in logs:
+            log.close()
+    out = (tmp_path / f"worker{procs.index(paused)}.log").read_text()
+    assert paused.returncode == 0 and "Traceback" not in out, out
+    assert "was taken over by another worker" in out, out
+    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
+
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[number] == optuna.trial.TrialState.FAIL
+    rows = store.read_rows(results / "paused", kind="trial")
+    assert len(rows) == 2 * 2 and not rows.duplicated(["trial", "seed"]).any(), rows[["trial", "seed", "worker"]]
+    assert all(states[n] == optuna.trial.TrialState.COMPLETE for n in rows["optuna_trial"]), \
+        rows[["trial", "optuna_trial", "worker"]]
+    assert not rows[rows["trial"] == number]["worker"].str.endswith(f":{paused.pid}").any(), "the re-run's rows"
+
+
+def _pause_one_mid_trial(procs: list[subprocess.Popen], url: str, name: str,
+                         after_complete: int = 0) -> tuple[subprocess.Popen, int]:
+    """SIGSTOP the worker of a trial it has started and not finished (checked after the stop, and
+    resumed to try again if it finished first), once ``after_complete`` trials are complete;
+    returns (its process, the trial number)."""
     by_pid = {p.pid: p for p in procs}
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
+    study = None
     while time.monotonic() < deadline:
         for p in procs:
             assert p.poll() is None, f"worker {p.pid} exited early with {p.returncode}"
         try:
-            study = optuna.load_study(study_name=name, storage=url)
+            study = study or optuna.load_study(study_name=name, storage=url)
         except Exception:  # noqa: BLE001 - the schema or the study is not created yet
             time.sleep(0.2)
             continue
         trials = study.get_trials(deepcopy=False)
-        if sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 2:
-            for t in trials:
-                pid = int(str(t.user_attrs.get("worker", ":0")).rsplit(":", 1)[1])
-                fresh = t.datetime_start is not None and (datetime.now() - t.datetime_start).total_seconds() < 0.4
-                if t.state == optuna.trial.TrialState.RUNNING and pid in by_pid and fresh:
-                    os.kill(pid, signal.SIGKILL)
-                    by_pid[pid].wait(timeout=30)
+        if sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) < after_complete:
+            time.sleep(0.1)
+            continue
+        for t in (t for t in trials if t.state == optuna.trial.TrialState.RUNNING):
+            pid = int(str(t.user_attrs.get("worker", ":0")).rsplit(":", 1)[1])
+            if pid in by_pid:
+                os.kill(pid, signal.SIGSTOP)
+                now = next(u for u in study.get_trials(deepcopy=False) if u.number == t.number)
+                if now.state == optuna.trial.TrialState.RUNNING:
                     return by_pid[pid], t.number
-        time.sleep(0.05)
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(0.1)
     raise AssertionError("no worker was seen running a trial")

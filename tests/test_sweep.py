@@ -194,3 +194,245 @@ def test_ctrl_c_halfway_then_the_same_command_resumes(tmp_path):
     df = rows(tmp_path / "results", "tiny")
     assert len(df) == 8 and not df.duplicated(["trial", "seed"]).any()
     assert (df["status"] == "complete").all()
+
+
+# --- pruning ------------------------------------------------------------------------------------
+
+class ZeroAttention(registry.AttentionVariant):
+    """Mixes nothing: the class token never sees the image, so the model stays at chance."""
+
+    def attend(self, q, k, v, attn_mask):
+        return torch.zeros_like(v)
+
+    def core_macs(self, num_tokens):
+        return 0
+
+
+@pytest.fixture
+def zero_variant():
+    registry.register_variant(ZeroAttention, name="zero-test-attn")
+    yield "zero-test-attn"
+    registry._local.pop("zero-test-attn", None)
+
+
+PRUNING = """
+name: pruning
+data: {{dataset: digits, options: {{val_fraction: 0.3, test_fraction: 0.3}}}}
+train: {{epochs: 2, batch_size: 32, lr: 0.005, num_threads: 1, eval_batch_size: 1024}}
+seeds: [0, 1]
+variants:
+  - {{label: base, variant: zero-test-attn}}
+  - {{label: good1, variant: softmax}}
+  - {{label: good2, variant: softmax}}
+  - {{label: good3, variant: softmax}}
+  - {{label: bad, variant: zero-test-attn}}
+baseline: base
+sampler: {{type: grid, seed: {seed}}}
+pruning: true
+measure: {{latency: false, memory: false}}
+"""
+
+
+def _grid_order(experiment) -> list[str]:
+    """The order in which the sweep's grid sampler visits the configurations (simulated)."""
+    import optuna
+
+    from attnbench.sweep.study import make_sampler, worker_sampler_seed
+
+    study = optuna.create_study(sampler=make_sampler(experiment, worker_sampler_seed(experiment, 0)))
+    study.optimize(lambda t: t.suggest_categorical("config", experiment.config_choices()) and 0.0,
+                   n_trials=len(experiment.configs))
+    return [t.params["config"] for t in study.trials]
+
+
+def test_pruning_is_off_unless_the_file_asks(tmp_path):
+    import optuna
+
+    from attnbench.sweep import open_study
+
+    experiment = load_experiment(experiment_file(tmp_path))
+    assert "pruning" not in TINY.replace("pruning: false\n", "") and experiment.pruning is False
+    path = tmp_path / "default.yaml"
+    path.write_text(TINY.replace("pruning: false\n", "").format(name="default", variants="  - softmax", steps=1,
+                                                                latency="false"))
+    experiment = load_experiment(path)
+    assert experiment.pruning is False
+    study = open_study(experiment, "sqlite:///:memory:", 0)
+    assert isinstance(study.pruner, optuna.pruners.NopPruner)
+
+
+def test_pruning_never_prunes_the_baseline_and_stores_a_pruned_trial_once(tmp_path, zero_variant):
+    from optuna.trial import TrialState
+
+    path = tmp_path / "pruning.yaml"
+    for seed in range(100):   # a grid order that runs the three good ones first (the pruner's 3 startup trials)
+        path.write_text(PRUNING.format(seed=seed))
+        experiment = load_experiment(path)
+        if set(_grid_order(experiment)[:3]) == {"good1", "good2", "good3"}:
+            break
+    summary = run_sweep(experiment, results_dir=tmp_path / "results", device="cpu")
+    import optuna
+    study = optuna.load_study(study_name="pruning", storage=summary.storage)
+    by_label = {t.user_attrs["label"]: t for t in study.trials}
+    assert [t.user_attrs["label"] for t in study.trials][:3] == _grid_order(experiment)[:3], "the order as simulated"
+    assert by_label["bad"].state == TrialState.PRUNED
+    assert by_label["base"].state == TrialState.COMPLETE
+    goods = sorted(by_label[g].intermediate_values[1] for g in ("good1", "good2", "good3"))
+    assert by_label["base"].intermediate_values[1] < goods[1], "the baseline was worse than the median: it was spared"
+    assert (summary.done, summary.failed, summary.pruned) == (5, 0, 1)
+
+    df = rows(tmp_path / "results", "pruning")
+    assert not df.duplicated(["trial", "seed"]).any()
+    pruned = df[df["label"] == "bad"]
+    assert list(pruned["seed"]) == [0] and list(pruned["status"]) == ["pruned"], pruned[["seed", "status", "error"]]
+    assert (df[df["label"] != "bad"]["status"] == "complete").all()
+    assert len(df) == 4 * 2 + 1
+
+
+# --- per-configuration search -------------------------------------------------------------------
+
+PER_CONFIG = """
+name: {name}
+data: {{dataset: digits}}
+train: {{epochs: 1, max_steps: 2, batch_size: 32, num_threads: 1, eval_batch_size: 1024}}
+seeds: [0]
+variants:
+  - softmax
+  - {{label: angular, variant: angular, search: {{order: {order}}}}}
+{rest}
+measure: {{latency: false, memory: false}}
+"""
+
+
+def test_per_configuration_search_sweeps_an_option_the_baseline_lacks(tmp_path):
+    from attnbench.results import report
+
+    path = tmp_path / "own.yaml"
+    path.write_text(PER_CONFIG.format(name="own", order="[0, 1]", rest="sampler: grid"))
+    experiment = load_experiment(path)
+    assert experiment.config_choices() == ["softmax", "angular order=0", "angular order=1"]
+    assert experiment.n_trials() == 3
+    summary = run_sweep(experiment, results_dir=tmp_path / "results", device="cpu")
+    assert (summary.done, summary.failed) == (3, 0)
+    df = rows(tmp_path / "results", "own")
+    assert sorted(df["label"]) == ["angular", "angular", "softmax"]
+    assert sorted(df[df["label"] == "angular"]["options"]) == ['{"order": 0}', '{"order": 1}']
+    assert sorted(report.summarize(df)["config"]) == ["angular (order=0)", "angular (order=1)", "softmax"]
+
+
+def test_per_configuration_search_is_conditional_for_other_samplers(tmp_path):
+    import optuna
+
+    from attnbench.sweep.trial import _suggest
+
+    path = tmp_path / "own.yaml"
+    path.write_text(PER_CONFIG.format(name="own", order="{low: 0, high: 3}", rest="sampler: random\n"
+                                      "budget: {trials: 4}\nsearch: {data.img_size: [8, 16]}"))
+    experiment = load_experiment(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        params = _suggest(trial, experiment)
+        config = experiment.resolve(params)
+        assert config.data_options == {"img_size": params["data.img_size"]}
+        if config.variant == "angular":
+            assert set(params) == {"config", "data.img_size", "angular/order"}, params
+            assert config.options == {"order": params["angular/order"]}
+        else:
+            assert set(params) == {"config", "data.img_size"} and config.options == {}, params
+        seen.add(config.variant)
+        study.tell(trial, 0.0)
+    assert seen == {"softmax", "angular"}
+
+
+# --- failures: named, exit 1, and a fixed file runs them again ----------------------------------
+
+def test_failed_trials_exit_1_and_a_fixed_file_runs_them_again(tmp_path):
+    path = experiment_file(tmp_path, name="fixme", variants=("softmax", "identity"), latency="false")
+    broken = path.read_text() + "constraints: {max_macs: 10}\n"   # a mistake only a trial finds
+    path.write_text(broken)
+    command = ["sweep", str(path), "--results", str(tmp_path / "results"), "--device", "cpu"]
+    first = CliRunner().invoke(main, command, env={"COLUMNS": "200"})
+    assert first.exit_code == 1, first.output
+    assert "2 trials finished (2 failed), 2 run now" in first.output
+    assert "failed: trial 0 (" in first.output and "exceed constraints.max_macs 10" in first.output
+    again = CliRunner().invoke(main, command, env={"COLUMNS": "200"})
+    assert again.exit_code == 1 and "2 failed), 0 run now" in again.output, "same file: not run again"
+
+    path.write_text(broken.replace("constraints: {max_macs: 10}\n", ""))
+    fixed = CliRunner().invoke(main, command, env={"COLUMNS": "200"})
+    assert fixed.exit_code == 0, fixed.output
+    assert "2 trials finished (0 failed), 2 run now" in fixed.output
+    df = rows(tmp_path / "results", "fixme")
+    assert len(df) == 4 and not df.duplicated(["trial", "seed"]).any() and (df["status"] == "complete").all()
+
+    retry = run_sweep(load_experiment(path), results_dir=tmp_path / "results", device="cpu", retry_failed=True)
+    assert (retry.retried, retry.ran_here) == (0, 0), "nothing failed: nothing to retry"
+
+
+def test_retry_failed_runs_failures_of_an_unchanged_file_again(tmp_path, nan_variant):
+    path = experiment_file(tmp_path, variants=("nan-test-attn",), latency="false")
+    first = run_sweep(load_experiment(path), results_dir=tmp_path / "results", device="cpu")
+    assert (first.failed, first.ran_here) == (1, 1)
+    assert first.failures[0].label == "nan-test-attn" and "nan" in first.failures[0].reason.lower()
+    same = run_sweep(load_experiment(path), results_dir=tmp_path / "results", device="cpu")
+    assert (same.retried, same.ran_here) == (0, 0)
+    forced = run_sweep(load_experiment(path), results_dir=tmp_path / "results", device="cpu", retry_failed=True)
+    assert (forced.retried, forced.ran_here, forced.done, forced.failed) == (1, 1, 1, 1)
+    df = rows(tmp_path / "results", "tiny")
+    assert len(df) == 1 and df["optuna_trial"].iloc[0] == 1, "the re-run's row replaced the first run's"
+
+
+# --- a trial taken over by another worker -------------------------------------------------------
+
+def test_a_worker_whose_trial_was_taken_over_stores_nothing_and_goes_on(tmp_path, monkeypatch):
+    """What a stalled worker meets when it comes back: meanwhile another worker failed its trial,
+    ran it again and stored the re-run's rows (simulated here while the first seed trains). The
+    stalled worker must not replace that file, must raise nothing, and the sweep goes on."""
+    import optuna
+    from optuna.trial import TrialState
+
+    import attnbench.sweep.trial as trial_module
+    from attnbench.sweep.study import RETRY_ATTR, _fail_trial_of_another_worker
+
+    real_fit, taken = trial_module.fit, []
+
+    def fit_while_another_worker_takes_over(*args, **kwargs):
+        result = real_fit(*args, **kwargs)
+        if not taken:
+            other = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'results/tiny/study.db'}")
+            mine = other.get_trials(states=(TrialState.RUNNING,))[0]
+            _fail_trial_of_another_worker(other, mine)   # as fail_stale_trials does
+            other.add_trial(optuna.trial.create_trial(   # the re-run, finished by the other worker
+                state=TrialState.COMPLETE, value=50.0, params=mine.params, distributions=mine.distributions,
+                user_attrs={RETRY_ATTR: mine.number, "label": "softmax"}, system_attrs=dict(mine.system_attrs)))
+            rerun = other.trials[-1].number
+            store.write_rows(tmp_path / "results" / "tiny", [
+                {"kind": "trial", "study": "tiny", "trial": mine.number, "optuna_trial": rerun, "seed": seed,
+                 "label": mine.user_attrs["label"], "status": "complete", "worker": "other:1"} for seed in (0, 1)],
+                f"trials/trial-{mine.number:05d}")
+            taken.append(mine.number)
+        return result
+
+    monkeypatch.setattr(trial_module, "fit", fit_while_another_worker_takes_over)
+    logged = []
+
+    class Display:
+        def update(self, *args):
+            pass
+
+        def log(self, message):
+            logged.append(message)
+
+    experiment = load_experiment(experiment_file(tmp_path, variants=("softmax", "identity"), latency="false"))
+    summary = run_sweep(experiment, results_dir=tmp_path / "results", device="cpu", display=Display())
+    assert taken and (summary.done, summary.failed, summary.ran_here) == (2, 0, 1)
+    assert any("was taken over by another worker" in m for m in logged), logged
+    study = optuna.load_study(study_name="tiny", storage=summary.storage)
+    states = {t.number: t.state for t in study.trials}
+    assert states[taken[0]] == TrialState.FAIL and len(states) == 3
+    df = rows(tmp_path / "results", "tiny")
+    assert len(df) == 4 and not df.duplicated(["trial", "seed"]).any()
+    assert all(states[n] == TrialState.COMPLETE for n in df["optuna_trial"]), df[["trial", "optuna_trial"]]
+    assert (df[df["trial"] == taken[0]]["worker"] == "other:1").all(), "the re-run's file stands"

@@ -1,4 +1,5 @@
-"""The sweep loop: claim room under the lock, run one trial at a time, hold Ctrl-C during Optuna's bookkeeping."""
+"""The sweep loop: check the experiment, open the study, claim room under the lock, run one trial
+at a time, hold Ctrl-C during Optuna's bookkeeping."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,6 @@ import signal
 import socket
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,11 +18,21 @@ from optuna.trial import FrozenTrial, TrialState
 
 from attnbench import measure
 from attnbench.experiment import Experiment
-from attnbench.sweep.bookkeeping import (ERROR_ATTR, StudyProgress, _requeue, fail_orphaned_trials,
-                                         study_progress, trial_key)
-from attnbench.sweep.storage import (StorageLock, _sampler, claim_worker_slot, heartbeat_settings,
-                                     open_study, storage_url, worker_sampler_seed)
-from attnbench.sweep.trial import TrialContext, TrialFailed, data_loader, run_trial
+from attnbench.experiment_check import check_experiment
+from attnbench.sweep.storage import StorageLock, heartbeat_settings, storage_url, study_lock
+from attnbench.sweep.study import (ERROR_ATTR, StudyProgress, claim_worker_slot, fail_orphaned_trials, make_sampler,
+                                   open_study, quiet_optuna, requeue, requeue_failures, study_progress, trial_by_number,
+                                   trial_key, was_taken_over, worker_sampler_seed)
+from attnbench.sweep.trial import TrialContext, TrialFailed, TrialTakenOver, run_trial
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialFailure:
+    """A trial whose latest run failed, and why."""
+
+    key: int
+    label: str
+    reason: str
 
 
 @dataclasses.dataclass
@@ -30,10 +40,13 @@ class SweepSummary:
     study: str
     storage: str
     results: Path
-    done: int
+    done: int                # trial keys with a final outcome (complete, pruned or failed)
     failed: int
     target: Optional[int]
     ran_here: int
+    pruned: int = 0
+    failures: list[TrialFailure] = dataclasses.field(default_factory=list)
+    retried: int = 0         # failed trials queued again at the start (see requeue_failures)
 
 
 def _worker_name() -> str:
@@ -42,55 +55,65 @@ def _worker_name() -> str:
 
 def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), storage: Optional[str] = None,
               device: str = "auto", worker_index: Optional[int] = None, display: Optional["SweepDisplay"] = None,
-              wait_for_others: bool = True) -> SweepSummary:
-    """Run (or resume) the experiment's study until its budget is met.
+              wait_for_others: bool = True, retry_failed: bool = False) -> SweepSummary:
+    """Check the experiment, then run (or resume) its study until its budget is met.
+
+    Nothing is written (no results folder, no study) unless :func:`check_experiment` passes.
 
     Args:
         experiment: the validated experiment.
         results_dir: the results folder; rows go to ``<results_dir>/<name>/trials/``.
         storage: an Optuna storage URL overriding the experiment's.
-        device: ``cpu``, ``cuda`` or ``auto``.
+        device: ``cpu``, ``cuda`` (``cuda:N``) or ``auto``.
         worker_index: fixes this worker's sampler seed (``sampler seed x 1000 + index``); by
             default the worker takes the study's next free slot as its index (0 for the first
             worker of a study), so workers started separately get distinct seeds.
         display: progress callbacks (Rich in the CLI).
         wait_for_others: when nothing is left to start but other workers' trials still run,
             wait for them (and re-run theirs if they die) instead of returning.
-    """
-    import torch
+        retry_failed: queue every failed trial again, not only those that failed under another
+            version of the experiment file.
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    optuna.logging.set_verbosity(optuna.logging.ERROR)   # failures are reported through ``display``
-    # Heartbeats and retries are marked experimental; they are what makes resuming safe.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    url = storage_url(experiment, results_dir, storage)
-    study = open_study(experiment, url, worker_sampler_seed(experiment, worker_index or 0))
-    if worker_index is None:
-        worker_index = claim_worker_slot(study, url)
-        study.sampler = _sampler(experiment, worker_sampler_seed(experiment, worker_index))
-    sampler_seed = worker_sampler_seed(experiment, worker_index)
-    if experiment.multi_objective:
-        study.set_metric_names([o.metric for o in experiment.objectives])
-    loader = data_loader(experiment)
-    loader({})   # fail on bad data before any trial starts
-    env = measure.environment(device, threads=experiment.measure.threads)
-    ctx = TrialContext(experiment, results_dir / experiment.name, loader, device=device, sampler_seed=sampler_seed,
-                       worker=_worker_name(), environment=env)
-    target = experiment.n_trials()
-    deadline = time.monotonic() + experiment.timeout_s if experiment.timeout_s else math.inf
-    # Checking for room and creating the trial happen under one lock shared by all workers, so
-    # together they start no more trials than the budget; the lock is let go once the trial exists.
-    claim = StorageLock(url, f"attnbench:study:{experiment.name}")
-    with SigintGuard() as sigint:
-        ran = _sweep_loop(study, ctx, claim, sigint, deadline, target, display, wait_for_others)
-    state = study_progress(study)
+    Raises:
+        ExperimentRefused: the experiment cannot run (one line per problem); nothing written.
+        StorageError: the storage cannot be opened.
+        KeyboardInterrupt: Ctrl-C; finished trials are stored, the one cut short runs again later.
+    """
+    checked = check_experiment(experiment, device=device, results_dir=results_dir)
+    with quiet_optuna():
+        url = storage_url(experiment, results_dir, storage)
+        study = open_study(experiment, url, worker_sampler_seed(experiment, worker_index or 0))
+        if worker_index is None:
+            worker_index = claim_worker_slot(study, url)
+            study.sampler = make_sampler(experiment, worker_sampler_seed(experiment, worker_index))
+        if experiment.multi_objective:
+            study.set_metric_names([o.metric for o in experiment.objectives])
+        env = measure.environment(checked.device, threads=experiment.measure.threads)
+        ctx = TrialContext(experiment, results_dir / experiment.name, checked.data, device=checked.device,
+                           sampler_seed=worker_sampler_seed(experiment, worker_index), worker=_worker_name(),
+                           environment=env, storage_url=url)
+        target = experiment.n_trials()
+        deadline = time.monotonic() + experiment.timeout_s if experiment.timeout_s else math.inf
+        # Checking for room and creating the trial happen under one lock shared by all workers, so
+        # together they start no more trials than the budget; the lock is let go once the trial exists.
+        claim = study_lock(url, experiment.name)
+        with claim:
+            retried = requeue_failures(study, experiment, everything=retry_failed)
+        if display:
+            for t in retried:
+                display.log(f"trial {trial_key(t)} ({t.user_attrs.get('label', '')}) failed before; it runs again")
+        with SigintGuard() as sigint:
+            ran = _sweep_loop(study, ctx, claim, sigint, deadline, target, display, wait_for_others)
+        state = study_progress(study)
+        failures = [TrialFailure(trial_key(t), str(t.user_attrs.get("label", "")),
+                                 str(t.user_attrs.get(ERROR_ATTR, ""))) for t in state.failures]
     if display:
         display.update(study, state, target)
-    return SweepSummary(experiment.name, url, ctx.results, state.done, state.failed, target, ran)
+    return SweepSummary(experiment.name, url, ctx.results, state.done, state.failed, target, ran, state.pruned,
+                        failures, len(retried))
 
 
-def _sweep_loop(study: optuna.Study, ctx: TrialContext, claim: "StorageLock", sigint: "SigintGuard",
+def _sweep_loop(study: optuna.Study, ctx: TrialContext, claim: StorageLock, sigint: "SigintGuard",
                 deadline: float, target: Optional[int], display: Optional["SweepDisplay"],
                 wait_for_others: bool) -> int:
     """Start trials until the budget is met (or time is up); return how many ran here."""
@@ -107,7 +130,7 @@ def _sweep_loop(study: optuna.Study, ctx: TrialContext, claim: "StorageLock", si
             if target is not None and state.done >= target:
                 break
             if state.interrupted:
-                _requeue(study, state.interrupted)
+                requeue(study, state.interrupted)
                 continue
             room = target is None or state.waiting > 0 or state.done + state.running < target
             if room:   # a queued re-run is taken first; otherwise a new trial is created
@@ -117,8 +140,10 @@ def _sweep_loop(study: optuna.Study, ctx: TrialContext, claim: "StorageLock", si
                 break
             time.sleep(min(heartbeat_settings()[0], 2.0))
             continue
+        if mine is None:
+            continue
         ran += 1
-        if display and mine is not None and mine.state == TrialState.FAIL and ERROR_ATTR in mine.user_attrs:
+        if display and mine.state == TrialState.FAIL and ERROR_ATTR in mine.user_attrs:
             display.log(f"trial {trial_key(mine)} ({mine.user_attrs.get('label', '')}) failed: "
                         f"{mine.user_attrs[ERROR_ATTR]}")
     sigint.check()
@@ -176,36 +201,33 @@ class SigintGuard:
 
 def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, sigint: SigintGuard,
                   deadline: float, display: Optional["SweepDisplay"]) -> Optional[FrozenTrial]:
-    """Run one trial (a queued re-run, else a new one); ``claim`` is released once it exists."""
+    """Run one trial (a queued re-run, else a new one); ``claim`` is released once it exists.
+    Returns the trial as stored, or None if none started or another worker took it over."""
     started: dict[str, int] = {}
 
     def objective(trial: optuna.Trial) -> Any:
         claim.release()
-        started["id"] = trial._trial_id
-        try:
-            with sigint.work():
-                value = run_trial(ctx, trial)
-        except (TrialFailed, optuna.TrialPruned):
-            started["ended"] = 1
-            raise
-        started["ended"] = 1
-        return value
+        started["number"] = trial.number
+        with sigint.work():
+            return run_trial(ctx, trial)
 
     try:
         study.optimize(objective, n_trials=1, catch=(TrialFailed,),
                        timeout=None if deadline is math.inf else max(deadline - time.monotonic(), 1))
-    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as err:
-        # This worker missed heartbeats for the grace period (a stall, a lost connection), so
-        # another worker failed its trial and queued a re-run; the re-run's file replaces ours.
-        # Optuna then refuses to record the outcome ("Cannot tell a FAIL trial").
-        mine = study._storage.get_trial(started["id"]) if "id" in started else None
-        ours = "ended" in started or isinstance(err, optuna.exceptions.UpdateFinishedTrialError)
-        if mine is None or mine.state != TrialState.FAIL or not ours:
+    except Exception as err:
+        # Taken over: this worker missed heartbeats for the grace period (a stall, a lost
+        # connection, SIGSTOP), another worker failed its trial and queued a re-run, and Optuna
+        # cannot record this outcome any more (which exception says so differs between Optuna
+        # versions: "Cannot tell a FAIL trial", UpdateFinishedTrialError, "Should not reach").
+        # The storage decides, not the exception.
+        mine = trial_by_number(study, started["number"]) if "number" in started else None
+        if mine is None or not (isinstance(err, TrialTakenOver) or was_taken_over(mine)):
             raise
         if display:
             display.log(f"trial {trial_key(mine)} was taken over by another worker (no heartbeat for "
-                        f"{heartbeat_settings()[1]} s); it runs again")
-    return study._storage.get_trial(started["id"]) if "id" in started else None
+                        f"{heartbeat_settings()[1]} s); its re-run's result stands")
+        return None
+    return trial_by_number(study, started["number"]) if "number" in started else None
 
 
 class SweepDisplay:

@@ -1,4 +1,10 @@
-"""One trial: suggest a configuration, build, count, train every seed, castle, measure, store its rows."""
+"""One trial: suggest a configuration, build, count, train every seed, castle, measure, store its rows.
+
+Who owns the result file: a trial's rows are one file named after its key, published only while
+the trial is still this worker's (RUNNING in the storage), under the study's lock. A worker that
+stalled past the grace period has had its trial failed and queued again under that same lock, so
+it finds the trial gone and writes nothing (:class:`TrialTakenOver`); the re-run's file stands.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,15 +17,24 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import optuna
+from optuna.trial import TrialState
 
-from attnbench import data, kernels, measure, models, provenance, registry
-from attnbench.experiment import CONFIG_PARAM, Experiment, VariantConfig
+from attnbench import kernels, measure, models, provenance, registry
+from attnbench.experiment import CONFIG_PARAM, Experiment, ParamSpec, VariantConfig
+from attnbench.experiment_check import CheckedExperiment
 from attnbench.results import schema, store
-from attnbench.sweep.bookkeeping import ERROR_ATTR, INTERRUPTED_ATTR, trial_key
+from attnbench.sweep.storage import study_lock
+from attnbench.sweep.study import ERROR_ATTR, EXPERIMENT_ATTR, INTERRUPTED_ATTR, trial_by_number, trial_key
 from attnbench.train import TrainConfig, TrainResult, default_arch, fit
+
 
 class TrialFailed(Exception):
     """A trial that failed for a reason worth recording (diverged, out of budget, crashed)."""
+
+
+class TrialTakenOver(Exception):
+    """This worker's trial was failed and queued again by another worker (it missed heartbeats for
+    the grace period); the re-run owns the result file, so this worker stores nothing."""
 
 
 @dataclasses.dataclass
@@ -31,6 +46,7 @@ class TrialContext:
     sampler_seed: int
     worker: str
     environment: dict[str, Any]
+    storage_url: str = ""         # the study's storage, whose lock guards publishing the result file
     splits: Any = None            # this trial's splits
 
     @property
@@ -39,17 +55,25 @@ class TrialContext:
 
 
 def _suggest(trial: optuna.Trial, experiment: Experiment) -> dict[str, Any]:
+    """The trial's parameters: the configuration, the study-wide search, then the picked
+    configuration's own search (conditional: only trials of that configuration sample it)."""
     params = {}
-    if len(experiment.configs) > 1:
-        params[CONFIG_PARAM] = trial.suggest_categorical(CONFIG_PARAM, [c.label for c in experiment.configs])
+    choices = experiment.config_choices()
+    if len(choices) > 1:
+        params[CONFIG_PARAM] = trial.suggest_categorical(CONFIG_PARAM, choices)
     for p in experiment.search:
-        if p.kind == "categorical":
-            params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-        elif p.kind == "int":
-            params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-        else:
-            params[p.name] = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+        params[p.name] = _suggest_one(trial, p.name, p)
+    for name, p in experiment.own_params(experiment.base_label(params)):
+        params[name] = _suggest_one(trial, name, p)
     return params
+
+
+def _suggest_one(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
+    if p.kind == "categorical":
+        return trial.suggest_categorical(name, list(p.choices))
+    if p.kind == "int":
+        return trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+    return trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
 
 
 def _model_kwargs(ctx: TrialContext) -> dict[str, Any]:
@@ -144,15 +168,28 @@ def _result_columns(result: TrainResult) -> dict[str, Any]:
 
 
 def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
-    """The Optuna objective: returns the objectives' means over seeds."""
+    """The Optuna objective: returns the objectives' means over seeds.
+
+    Stores one row per seed that ran (complete, failed or pruned), once; an interrupted trial
+    stores nothing (it runs again in full).
+
+    Raises:
+        optuna.TrialPruned: the first seed was pruned (never the baseline configuration's).
+        TrialFailed: the trial failed for a reason of its own, recorded on the trial.
+        TrialTakenOver: another worker took the trial over; nothing was stored.
+    """
     e = ctx.experiment
-    frozen = trial.study._storage.get_trial(trial._trial_id)
-    key = trial_key(frozen)
-    config = e.resolve(_suggest(trial, e))
+    # First: which worker runs it (host:pid), for watching a study; a trial naming none is an orphan.
+    trial.set_user_attr("worker", ctx.worker)
+    key = trial_key(trial_by_number(trial.study, trial.number))
+    params = _suggest(trial, e)
+    config = e.resolve(params)
     ctx = dataclasses.replace(ctx, splits=ctx.data(config.data_options))
     trial.set_user_attr("label", config.label)
-    trial.set_user_attr("worker", ctx.worker)   # which worker runs it (host:pid), for watching a study
+    trial.set_user_attr(EXPERIMENT_ATTR, e.fingerprint())
+    prunable = e.base_label(params) != e.baseline   # the baseline is never pruned: every Δ needs it
     rows: list[dict] = []
+    seed: Optional[int] = None   # the seed being trained, while one is
     started = time.perf_counter()
     try:
         costs = _costs(ctx, config)
@@ -162,7 +199,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
         for index, seed in enumerate(e.seeds):
             seed_start = time.perf_counter()
             model = _build(ctx, config, seed).to(ctx.device)
-            report = _pruning_reporter(trial, e) if index == 0 else None
+            report = _pruning_reporter(trial, e, prunable) if index == 0 else None
             try:
                 result = fit(model, ctx.splits, TrainConfig(**{**e.train, "seed": seed, "device": ctx.device}),
                              callback=report, progress=False)
@@ -177,40 +214,63 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
             results.append(result)
             rows.append(_row(ctx, trial, key, config, seed, costs, result, "complete", None,
                              time.perf_counter() - seed_start))
-            last_model = model
+            last_model, seed = model, None
         speed = _speed(ctx, config, models.castle(last_model))
         for row in rows:
             row.update(speed)
         values = _objective_values(e, rows)
         return values if len(values) > 1 else values[0]
-    except TrialFailed as err:
-        trial.set_user_attr(ERROR_ATTR, str(err))
-        if not rows:
-            rows.append(_row(ctx, trial, key, config, e.seeds[0], locals().get("costs", {}), None, "failed",
-                             str(err), time.perf_counter() - started))
-        raise
+    except optuna.TrialPruned:
+        raise   # Optuna stores the trial PRUNED; its rows are the seeds that ran
     except (KeyboardInterrupt, SystemExit):
         trial.set_user_attr(INTERRUPTED_ATTR, True)
         rows = []   # an interrupted trial is re-run in full; write nothing
         raise
-    except Exception as err:  # a crash in one trial is recorded; the sweep goes on
-        message = f"{type(err).__name__}: {err}"
-        trial.set_user_attr(ERROR_ATTR, message)
-        rows.append(_row(ctx, trial, key, config, e.seeds[min(len(rows), len(e.seeds) - 1)],
-                         locals().get("costs", {}), None, "failed", message, time.perf_counter() - started))
-        raise TrialFailed(message) from err
+    except Exception as err:  # a failure of this trial is recorded; the sweep goes on
+        failure = err if isinstance(err, TrialFailed) else TrialFailed(f"{type(err).__name__}: {err}")
+        _record_failure(ctx, trial, key, config, rows, seed, locals().get("costs", {}), str(failure),
+                        time.perf_counter() - started)
+        if failure is err:
+            raise
+        raise failure from err
     finally:
         if rows:
-            store.write_rows(ctx.results, rows, f"trials/trial-{key:05d}")
+            _store_rows(ctx, trial, key, rows)
 
 
-def _pruning_reporter(trial: optuna.Trial, e: Experiment) -> Optional[Callable[[int, float], None]]:
-    if e.multi_objective or not e.pruning:
+def _record_failure(ctx: TrialContext, trial: optuna.Trial, key: int, config: VariantConfig, rows: list[dict],
+                    seed: Optional[int], costs: dict, message: str, wall: float) -> None:
+    """The failure on the trial, and in its rows: the seed that was training gets a failed row
+    (unless it has one); a failure after the seeds (measuring, the objectives) fails their rows;
+    a failure before any seed ran is one failed row of the first seed, so the store shows it."""
+    trial.set_user_attr(ERROR_ATTR, message)
+    if seed is not None and not any(r["seed"] == seed for r in rows):
+        rows.append(_row(ctx, trial, key, config, seed, costs, None, "failed", message, wall))
+    elif seed is None and rows:
+        for row in rows:
+            row.update(status="failed", error=message)
+    elif not rows:
+        rows.append(_row(ctx, trial, key, config, ctx.experiment.seeds[0], costs, None, "failed", message, wall))
+
+
+def _store_rows(ctx: TrialContext, trial: optuna.Trial, key: int, rows: list[dict]) -> None:
+    """Publish the trial's rows as ``trials/trial-<key>.parquet`` if the trial is still this
+    worker's; taking the study's lock orders this against failing stale trials (module docstring)."""
+    with study_lock(ctx.storage_url, ctx.experiment.name):
+        if trial_by_number(trial.study, trial.number).state != TrialState.RUNNING:
+            raise TrialTakenOver(f"trial {key} was taken over by another worker")
+        store.write_rows(ctx.results, rows, f"trials/trial-{key:05d}")
+
+
+def _pruning_reporter(trial: optuna.Trial, e: Experiment, prunable: bool) -> Optional[Callable[[dict], None]]:
+    """Reports validation top-1 per epoch; prunes only ``prunable`` trials (the baseline's values
+    are reported all the same: they are what the others are compared with)."""
+    if not e.pruning:
         return None
 
     def report(record: dict[str, Any]) -> None:
         trial.report(record["val_top1"], record["epoch"])
-        if trial.should_prune():
+        if prunable and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {record['epoch']} (validation top-1 {record['val_top1']:.2f})")
 
     return report
@@ -228,26 +288,13 @@ def _objective_values(e: Experiment, rows: list[dict]) -> list[float]:
     return values
 
 
-def data_loader(experiment: Experiment) -> Callable[[dict], Any]:
-    """Splits for the experiment's data with a trial's swept ``data.*`` options, loaded once each.
-
-    Raises ``attnbench.data.DataError`` for bad paths or options.
-    """
-
-    @functools.lru_cache(maxsize=4)
-    def load(frozen: tuple) -> Any:
-        return data.load_dataset(experiment.dataset, root=experiment.data_root,
-                                 **{**experiment.data_options, **dict(frozen)})
-
-    return lambda overrides: load(tuple(sorted(overrides.items())))
-
-
-def plan(experiment: Experiment) -> tuple[str, list[tuple[VariantConfig, dict[str, Any]]]]:
+def plan(checked: CheckedExperiment) -> tuple[str, list[tuple[VariantConfig, dict[str, Any]]]]:
     """(architecture, [(configuration, MACs and params of its inference form)]) without training.
 
     A continuous search space has no finite plan; then only the base configuration is listed.
     """
-    ctx = TrialContext(experiment, Path("."), data_loader(experiment), device="cpu",
+    experiment = checked.experiment
+    ctx = TrialContext(experiment, Path("."), checked.data, device="cpu",
                        sampler_seed=experiment.sampler_seed, worker="", environment={})
     configs = experiment.plan() or [experiment.resolve({})]
     costs = [(c, _costs(dataclasses.replace(ctx, splits=ctx.data(c.data_options)), c)) for c in configs]
