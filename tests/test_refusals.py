@@ -63,9 +63,9 @@ def _cifar_with_corrupt_batch(tmp: Path) -> str:
 CASES = [
     # --- the cases
     ("device-cuda-without-cuda", BASE, ["--device", "cuda"], "option '--device'", "CUDA is not available"),
-    ("objective-measurement-off", BASE + "objectives: [latency_ms]\n", [], "objectives[0].metric",
-     "'latency_ms' is measured only with 'measure.latency: true'"),
-    ("objective-memory-off", BASE + "objectives: [{metric: peak_memory_mb}]\n", [], "objectives[0].metric",
+    ("objective-measurement-off", BASE + "objectives: [latency_median_ms]\n", [], "objectives[0].metric",
+     "'latency_median_ms' is measured only with 'measure.latency: true'"),
+    ("objective-memory-off", BASE + "objectives: [{metric: forward_memory_mb}]\n", [], "objectives[0].metric",
      "'measure.memory: true'"),
     ("search-beyond-option-limits", CASTLING + "search: {schedule_end: {low: 0.5, high: 1.5}}\n", [],
      "search.schedule_end", "schedule_end"),
