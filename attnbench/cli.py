@@ -4,12 +4,14 @@ errors the user can fix are printed as one line, with a non-zero exit and no tra
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from attnbench import allocator, registry
@@ -20,12 +22,12 @@ err_console = Console(stderr=True)
 
 def fail(message: str) -> "NoReturn":  # noqa: F821
     """Print ``error: message`` on stderr and exit 2."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(2)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 @click.group()
@@ -36,42 +38,164 @@ def main() -> None:
     allocator.tune_malloc()   # training steps stop faulting their buffers back in (ATTNBENCH_MALLOC=system: off)
 
 
+def parse_key_values(items, what: str) -> dict:
+    """``["threshold=0.5", "residual=none"]`` -> ``{"threshold": 0.5, "residual": "none"}``.
+
+    Values are read as YAML scalars (``0.5``, ``1e-6``, ``true``, ``head``); ``what`` names the
+    option in the error: one line, exit 2.
+    """
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"{what} '{item}': expected KEY=VALUE")
+        parsed[key.strip()] = _scalar(value.strip())
+    return parsed
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _scalar(text: str):
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _NUMBER.fullmatch(value):   # YAML 1.1 reads 1e-6 as a string
+        return float(value)
+    return value
+
+
+def _variant_or_fail(name: str):
+    try:
+        return registry.variant_info(name)
+    except registry.VariantError as err:
+        fail(str(err))
+
+
 @main.command("variants")
-@click.option("--check", is_flag=True, help="Run the conformance checks on every variant.")
-def variants_command(check: bool) -> None:
-    """List every registered attention variant with its options."""
-    table = Table(title="attnbench variants")
-    for column in ("name", "distribution", "options (defaults)", "description"):
-        table.add_column(column, overflow="fold")
-    if check:
-        table.add_column("conformance", overflow="fold")
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--check", is_flag=True, help="Run the conformance checks on each NAME [default: every variant].")
+@click.option("--option", "option_items", multiple=True, metavar="KEY=VALUE",
+              help="With one NAME: an option to describe or check it with (repeatable; values read as YAML).")
+def variants_command(names: tuple, check: bool, option_items: tuple) -> None:
+    """List every registered attention variant; with NAME, each option's type, default, allowed values and help."""
+    from attnbench.variant import parse_options
+
+    if option_items and len(names) != 1:
+        fail(f"--option needs exactly one variant NAME, got {len(names)}")
+    infos = [_variant_or_fail(name) for name in names]
+    options = parse_key_values(option_items, "--option")
+    if options:
+        try:
+            parse_options(infos[0].cls, options)
+        except ValueError as err:
+            fail(str(err))
+    if not names:
+        _print_variant_list(check)
+        return
     failed = 0
+    for info in infos:
+        console.print(_variant_detail(info, options))
+        if check:
+            failed += _print_checks(info.name, options)
+    if failed:
+        fail(f"{failed} variant(s) failed conformance checks")
+
+
+def _print_variant_list(check: bool) -> None:
+    from rich.text import Text
+
+    infos, failed = [], 0
     for name in registry.list_variants():
         try:
-            info = registry.variant_info(name)
+            infos.append(registry.variant_info(name))
         except registry.VariantError as err:
             warnings.warn(str(err))
             failed += 1
-            continue
-        options = "\n".join(spec.describe() for spec in info.options) or "-"
-        row = [name, info.distribution, options, info.description]
+    table = Table(title="attnbench variants")
+    # Names are never folded: each column is as wide as its longest name.
+    for column, values in (("name", [i.name for i in infos]), ("distribution", [i.distribution for i in infos])):
+        table.add_column(column, no_wrap=True, min_width=max(map(len, values), default=0))
+    if check:
+        table.add_column("conformance", overflow="fold")
+    else:
+        table.add_column("description", overflow="fold", ratio=3)
+        table.add_column("options", overflow="fold", ratio=2)
+    for info in infos:
+        row = [Text(info.name), Text(info.distribution)]
         if check:
-            row.append(_conformance_cell(name))
-            failed += not row[-1].startswith("[green]")
+            cell = _conformance_cell(info.name)
+            failed += not cell.plain.endswith(" passed") or "/" not in cell.plain
+            row.append(cell)
+        else:
+            row += [Text(info.description), Text(", ".join(spec.name for spec in info.options) or "-")]
         table.add_row(*row)
     console.print(table)
+    if not check:
+        console.print("attnbench variants NAME: the type, default, allowed values and help of each option",
+                      highlight=False)
     if check and failed:
         fail(f"{failed} variant(s) failed to load or failed conformance checks")
 
 
-def _conformance_cell(name: str) -> str:
+def _variant_detail(info, options: dict):
+    """One variant: where it comes from, what it is, and a table of its options."""
+    from rich.console import Group
+    from rich.text import Text
+
+    head = Text.assemble((info.name, "bold"), f"  from distribution {info.distribution} ({info.target})")
+    parts = [head, Text(info.description)]
+    if options:
+        parts.append(Text("with " + ", ".join(f"{k}={v!r}" for k, v in options.items())))
+    if not info.options:
+        parts.append(Text("no options of its own"))
+        return Group(*parts)
+    rows = [(spec.name, spec.kind, repr(spec.default), spec.allowed().replace(" | ", "\n") or "any",
+             spec.help or "-") for spec in info.options]
+    table = Table()
+    # No column is narrower than its longest word, so names and values wrap between words, never inside.
+    for index, column in enumerate(("option", "type", "default", "allowed", "help")):
+        longest = max(len(word) for row in rows for word in row[index].split() or [""])
+        table.add_column(column, overflow="fold", min_width=longest)
+    for row in rows:
+        table.add_row(*map(Text, row))
+    parts.append(table)
+    return Group(*parts)
+
+
+def _print_checks(name: str, options: dict) -> int:
+    """Run the conformance checks on one variant, print one row per check; 1 if any failed, else 0."""
+    from rich.text import Text
+
+    from attnbench.testing import run_checks  # lazy: pulls in timm and the counters
+
+    results = run_checks(name, options)
+    table = Table(title=f"conformance of {name}")
+    table.add_column("check", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("message", overflow="fold")
+    for r in results:
+        table.add_row(Text(r.check), Text("passed", "green") if r.passed else Text("FAILED", "red"),
+                      Text(r.message))
+    console.print(table)
+    passed = sum(r.passed for r in results)
+    console.print(f"{name}: {passed}/{len(results)} passed", highlight=False)
+    return int(passed < len(results))
+
+
+def _conformance_cell(name: str):
+    from rich.text import Text
+
     from attnbench.testing import run_checks  # lazy: pulls in timm and the counters
 
     results = run_checks(name)
     failures = [r for r in results if not r.passed]
     if not failures:
-        return f"[green]{len(results)}/{len(results)} passed[/]"
-    return "[red]" + "\n".join(f"{r.check}: {r.message}" for r in failures) + "[/]"
+        return Text(f"{len(results)}/{len(results)} passed", "green")
+    return Text("\n".join(f"{r.check}: {r.message}" for r in failures), "red")
 
 
 @main.command("sweep")
