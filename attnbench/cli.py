@@ -103,15 +103,26 @@ def variants_command(names: tuple, check: bool, option_items: tuple) -> None:
         _print_variant_list(check)
         return
     failed = 0
-    for info in infos:
+    for name, info in zip(names, infos):
         console.print(_variant_detail(info, options))
         if check:
-            failed += _print_checks(info.name, options)
+            failed += _print_checks(name, options)
     if failed:
         fail(f"{failed} variant(s) failed conformance checks")
 
 
 def _print_variant_list(check: bool) -> None:
+    table, failed = _variant_list(check)
+    console.print(table)
+    if not check:
+        console.print("attnbench variants NAME: the type, default, allowed values and help of each option",
+                      highlight=False)
+    if check and failed:
+        fail(f"{failed} variant(s) failed to load or failed conformance checks")
+
+
+def _variant_list(check: bool):
+    """The table of every variant (with conformance results if ``check``) and how many failed."""
     from rich.text import Text
 
     infos, failed = [], 0
@@ -133,18 +144,13 @@ def _print_variant_list(check: bool) -> None:
     for info in infos:
         row = [Text(info.name), Text(info.distribution)]
         if check:
-            cell = _conformance_cell(info.name)
-            failed += not cell.plain.endswith(" passed") or "/" not in cell.plain
+            cell, passed = _conformance_cell(info.name)
+            failed += not passed
             row.append(cell)
         else:
             row += [Text(info.description), Text(", ".join(spec.name for spec in info.options) or "-")]
         table.add_row(*row)
-    console.print(table)
-    if not check:
-        console.print("attnbench variants NAME: the type, default, allowed values and help of each option",
-                      highlight=False)
-    if check and failed:
-        fail(f"{failed} variant(s) failed to load or failed conformance checks")
+    return table, failed
 
 
 def _variant_detail(info, options: dict):
@@ -193,6 +199,7 @@ def _print_checks(name: str, options: dict) -> int:
 
 
 def _conformance_cell(name: str):
+    """The conformance result of one variant as a table cell, and whether every check passed."""
     from rich.text import Text
 
     from attnbench.testing import run_checks  # lazy: pulls in timm and the counters
@@ -200,8 +207,8 @@ def _conformance_cell(name: str):
     results = run_checks(name)
     failures = [r for r in results if not r.passed]
     if not failures:
-        return Text(f"{len(results)}/{len(results)} passed", "green")
-    return Text("\n".join(f"{r.check}: {r.message}" for r in failures), "red")
+        return Text(f"{len(results)}/{len(results)} passed", "green"), True
+    return Text("\n".join(f"{r.check}: {r.message}" for r in failures), "red"), False
 
 
 def _dataclass_field_docs(cls) -> dict[str, str]:
