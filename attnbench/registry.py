@@ -184,7 +184,7 @@ def _resolve(name: str) -> _Entry:
     dist, _, bare = name.rpartition(":")
     entries = _entries().get(bare)
     if not entries:
-        raise VariantError(f"unknown variant '{bare}'{did_you_mean(bare, _entries())} "
+        raise VariantError(f"unknown variant '{name}'{did_you_mean(bare, _entries())} "
                            f"(known: {', '.join(list_variants())}); a plugin providing it may not be installed "
                            f"(installed variant distributions: {', '.join(variant_distributions())})")
     if dist:
