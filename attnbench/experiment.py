@@ -30,7 +30,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from attnbench.registry import VariantError, get_variant, list_variants
+from attnbench.registry import VariantError, get_variant
 from attnbench.variant import OptionSpec, did_you_mean, option_specs, parse_options
 
 __all__ = ["Experiment", "ExperimentError", "ParamSpec", "VariantConfig", "Objective", "MeasureSpec",
@@ -394,10 +394,7 @@ def _variant_name(r: _Reader, name: Any, field: str) -> str:
     name = r.string(name, field)
     try:
         get_variant(name)
-    except VariantError as err:
-        if "unknown variant" in str(err):
-            r.fail(field, f"unknown variant '{name}'{did_you_mean(name, list_variants())} "
-                          f"(known: {', '.join(list_variants())})")
+    except VariantError as err:   # unknown names: the closest, the known, and that a plugin may be missing
         r.fail(field, str(err))
     return name
 
