@@ -104,7 +104,7 @@ def variants_command(names: tuple, check: bool, option_items: tuple) -> None:
         return
     failed = 0
     for name, info in zip(names, infos):
-        console.print(_variant_detail(info, options))
+        console.print(_variant_detail(info, options, with_options=not check))
         if check:
             failed += _print_checks(name, options)
     if failed:
@@ -153,8 +153,8 @@ def _variant_list(check: bool):
     return table, failed
 
 
-def _variant_detail(info, options: dict):
-    """One variant: where it comes from, what it is, and a table of its options."""
+def _variant_detail(info, options: dict, with_options: bool = True):
+    """One variant: where it comes from, what it is, and (``with_options``) a table of its options."""
     from rich.console import Group
     from rich.text import Text
 
@@ -162,6 +162,8 @@ def _variant_detail(info, options: dict):
     parts = [head, Text(info.description)]
     if options:
         parts.append(Text("with " + ", ".join(f"{k}={v!r}" for k, v in options.items())))
+    if not with_options:
+        return Group(*parts)
     if not info.options:
         parts.append(Text("no options of its own"))
         return Group(*parts)
