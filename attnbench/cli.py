@@ -214,27 +214,25 @@ def _conformance_cell(name: str):
 
 
 def _dataclass_field_docs(cls) -> dict[str, str]:
-    """The ``Attributes:`` section of a dataclass's docstring: {field name: its text on one line}."""
+    """The ``Attributes:`` section of a dataclass's docstring: {field name: its text on one line}.
+
+    An entry is ``    name: text`` (or ``    a, b: text`` for several fields), continued on lines
+    indented deeper; the section ends at the first line that is not indented.
+    """
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    if "Attributes:" not in lines:
+        return {}
     docs: dict[str, str] = {}
     names: list[str] = []
-    section = False
-    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
-        if line.strip() == "Attributes:":
-            section = True
-            continue
-        if not section:
-            continue
-        entry = re.match(r"    (\w+(?:, \w+)*): (.*)", line)
+    for line in lines[lines.index("Attributes:") + 1:]:
+        entry = re.match(r" {4}(\w+(?:, \w+)*): (.*)", line)
         if entry:
             names = entry.group(1).split(", ")
-            for name in names:
-                docs[name] = entry.group(2).strip()
-        elif line.startswith("        ") and names:
-            for name in names:
-                docs[name] += " " + line.strip()
-        elif line.strip() or not line.startswith(" "):
-            if not line.startswith(" ") and line.strip():
-                break
+            docs.update((name, entry.group(2).strip()) for name in names)
+        elif line.startswith(" " * 8):
+            docs.update((name, f"{docs[name]} {line.strip()}") for name in names)
+        elif line.strip():
+            break
     return docs
 
 
@@ -265,8 +263,8 @@ def _click_type(hint):
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        inner, _ = _click_type(rest[0]) if len(rest) == 1 else (_Yaml(), False)
-        return _NoneOr(inner), False
+        inner, is_flag = _click_type(rest[0]) if len(rest) == 1 else (_Yaml(), False)
+        return _NoneOr(click.BOOL if is_flag else inner), False
     if hint is bool:
         return None, True
     if typing.get_origin(hint) is typing.Literal and all(isinstance(a, str) for a in args):

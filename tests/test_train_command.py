@@ -94,15 +94,17 @@ def test_options_follow_the_dataclass_fields_and_their_types():
         flip: float = 0.5
         extra: dict = dataclasses.field(default_factory=dict)
         undocumented: str = "x"
+        maybe: Optional[bool] = None
 
     options = {o.name: o for o in cli._dataclass_options(Config)}
-    assert list(options) == ["precision", "augment", "crop", "flip", "extra", "undocumented"]
+    assert list(options) == ["precision", "augment", "crop", "flip", "extra", "undocumented", "maybe"]
     assert options["precision"].help == "number format of the forward pass."
     assert options["crop"].help == options["flip"].help == "two fields sharing one line."
     assert options["undocumented"].help == "Config.undocumented"
     assert isinstance(options["precision"].type, click.Choice) and options["augment"].is_flag
     assert options["crop"].type.convert("none", None, None) is None and options["crop"].type.convert("3", None, None) == 3
     assert options["extra"].type.convert("{a: 1}", None, None) == {"a": 1} and options["extra"].default == {}
+    assert options["maybe"].type.convert("no", None, None) is False and options["maybe"].type.convert("none", None, None) is None
 
 
 def test_run_specs_and_key_values():
