@@ -3,12 +3,19 @@ errors the user can fix are printed as one line, with a non-zero exit and no tra
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import re
 import sys
+import types
+import typing
 import warnings
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -42,42 +49,381 @@ def main() -> None:
     allocator.tune_malloc()   # training steps stop faulting their buffers back in (ATTNBENCH_MALLOC=system: off)
 
 
+def parse_key_values(items, what: str) -> dict:
+    """``["threshold=0.5", "residual=none"]`` -> ``{"threshold": 0.5, "residual": "none"}``.
+
+    Values are read as YAML scalars (``0.5``, ``1e-6``, ``true``, ``head``); ``what`` names the
+    option in the error: one line, exit 2.
+    """
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"{what} '{item}': expected KEY=VALUE")
+        parsed[key.strip()] = _scalar(value.strip())
+    return parsed
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _scalar(text: str):
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _NUMBER.fullmatch(value):   # YAML 1.1 reads 1e-6 as a string
+        return float(value)
+    return value
+
+
+def _variant_or_fail(name: str):
+    try:
+        return registry.variant_info(name)
+    except registry.VariantError as err:
+        fail(str(err))
+
+
 @main.command("variants")
-@click.option("--check", is_flag=True, help="Run the conformance checks on every variant.")
-def variants_command(check: bool) -> None:
-    """List every registered attention variant with its options."""
-    table = Table(title="attnbench variants")
-    for column in ("name", "distribution", "options (defaults)", "description"):
-        table.add_column(column, overflow="fold")
-    if check:
-        table.add_column("conformance", overflow="fold")
-    failed = 0
-    for name in registry.list_variants():
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--check", is_flag=True, help="Run the conformance checks on each NAME [default: every variant].")
+@click.option("--option", "option_items", multiple=True, metavar="KEY=VALUE",
+              help="With one NAME: an option to describe or check it with (repeatable; values read as YAML).")
+def variants_command(names: tuple, check: bool, option_items: tuple) -> None:
+    """List every registered attention variant; with NAME, each option's type, default, allowed values and help."""
+    from attnbench.variant import parse_options
+
+    if option_items and len(names) != 1:
+        fail(f"--option needs exactly one variant NAME, got {len(names)}")
+    infos = [_variant_or_fail(name) for name in names]
+    options = parse_key_values(option_items, "--option")
+    if options:
         try:
-            info = registry.variant_info(name)
-        except registry.VariantError as err:
-            warnings.warn(str(err))
-            failed += 1
-            continue
-        options = "\n".join(spec.describe() for spec in info.options) or "-"
-        row = [escape(name), escape(info.distribution), escape(options), escape(info.description)]
+            parse_options(infos[0].cls, options)
+        except ValueError as err:
+            fail(str(err))
+    if not names:
+        _print_variant_list(check)
+        return
+    failed = 0
+    for name, info in zip(names, infos):
+        console.print(_variant_detail(info, options, with_options=not check))
         if check:
-            row.append(_conformance_cell(name))
-            failed += not row[-1].startswith("[green]")
-        table.add_row(*row)
+            failed += _print_checks(name, options)
+    if failed:
+        fail(f"{failed} variant(s) failed conformance checks")
+
+
+def _print_variant_list(check: bool) -> None:
+    table, failed = _variant_list(check)
     console.print(table)
+    if not check:
+        console.print("attnbench variants NAME: the type, default, allowed values and help of each option",
+                      highlight=False)
     if check and failed:
         fail(f"{failed} variant(s) failed to load or failed conformance checks")
 
 
-def _conformance_cell(name: str) -> str:
+def _variant_list(check: bool):
+    """The table of every variant (with conformance results if ``check``) and how many failed."""
+    from rich.text import Text
+
+    infos, failed = [], 0
+    for name in registry.list_variants():
+        try:
+            infos.append(registry.variant_info(name))
+        except registry.VariantError as err:
+            warnings.warn(str(err))
+            failed += 1
+    table = Table(title="attnbench variants")
+    # Names are never folded: each column is as wide as its longest name.
+    for column, values in (("name", [i.name for i in infos]), ("distribution", [i.distribution for i in infos])):
+        table.add_column(column, no_wrap=True, min_width=max(map(len, values), default=0))
+    if check:
+        table.add_column("conformance", overflow="fold")
+    else:
+        table.add_column("description", overflow="fold", ratio=3)
+        table.add_column("options", overflow="fold", ratio=2)
+    for info in infos:
+        row = [Text(info.name), Text(info.distribution)]
+        if check:
+            cell, passed = _conformance_cell(info.name)
+            failed += not passed
+            row.append(cell)
+        else:
+            row += [Text(info.description), Text(", ".join(spec.name for spec in info.options) or "-")]
+        table.add_row(*row)
+    return table, failed
+
+
+def _variant_detail(info, options: dict, with_options: bool = True):
+    """One variant: where it comes from, what it is, and (``with_options``) a table of its options."""
+    from rich.console import Group
+    from rich.text import Text
+
+    head = Text.assemble((info.name, "bold"), f"  from distribution {info.distribution} ({info.target})")
+    parts = [head, Text(info.description)]
+    if options:
+        parts.append(Text("with " + ", ".join(f"{k}={v!r}" for k, v in options.items())))
+    if not with_options:
+        return Group(*parts)
+    if not info.options:
+        parts.append(Text("no options of its own"))
+        return Group(*parts)
+    rows = [(spec.name, spec.kind, repr(spec.default), spec.allowed().replace(" | ", "\n") or "any",
+             spec.help or "-") for spec in info.options]
+    table = Table()
+    # No column is narrower than its longest word, so names and values wrap between words, never inside.
+    for index, column in enumerate(("option", "type", "default", "allowed", "help")):
+        longest = max(len(word) for row in rows for word in row[index].split() or [""])
+        table.add_column(column, overflow="fold", min_width=longest)
+    for row in rows:
+        table.add_row(*map(Text, row))
+    parts.append(table)
+    return Group(*parts)
+
+
+def _print_checks(name: str, options: dict) -> int:
+    """Run the conformance checks on one variant, print one row per check; 1 if any failed, else 0."""
+    from rich.text import Text
+
+    from attnbench.testing import run_checks  # lazy: pulls in timm and the counters
+
+    results = run_checks(name, options)
+    table = Table(title=f"conformance of {name}")
+    table.add_column("check", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("message", overflow="fold")
+    for r in results:
+        table.add_row(Text(r.check), Text("passed", "green") if r.passed else Text("FAILED", "red"),
+                      Text(r.message))
+    console.print(table)
+    passed = sum(r.passed for r in results)
+    console.print(f"{name}: {passed}/{len(results)} passed", highlight=False)
+    return int(passed < len(results))
+
+
+def _conformance_cell(name: str):
+    """The conformance result of one variant as a table cell, and whether every check passed."""
+    from rich.text import Text
+
     from attnbench.testing import run_checks  # lazy: pulls in timm and the counters
 
     results = run_checks(name)
     failures = [r for r in results if not r.passed]
     if not failures:
-        return f"[green]{len(results)}/{len(results)} passed[/]"
-    return "[red]" + "\n".join(escape(f"{r.check}: {r.message}") for r in failures) + "[/]"
+        return Text(f"{len(results)}/{len(results)} passed", "green"), True
+    return Text("\n".join(f"{r.check}: {r.message}" for r in failures), "red"), False
+
+
+def _dataclass_field_docs(cls) -> dict[str, str]:
+    """The ``Attributes:`` section of a dataclass's docstring: {field name: its text on one line}.
+
+    An entry is ``    name: text`` (or ``    a, b: text`` for several fields), continued on lines
+    indented deeper; the section ends at the first line that is not indented.
+    """
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    if "Attributes:" not in lines:
+        return {}
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    for line in lines[lines.index("Attributes:") + 1:]:
+        entry = re.match(r" {4}(\w+(?:, \w+)*): (.*)", line)
+        if entry:
+            names = entry.group(1).split(", ")
+            docs.update((name, entry.group(2).strip()) for name in names)
+        elif line.startswith(" " * 8):
+            docs.update((name, f"{docs[name]} {line.strip()}") for name in names)
+        elif line.strip():
+            break
+    return docs
+
+
+class _NoneOr(click.ParamType):
+    """An ``Optional[X]`` field: ``none`` stands for None, anything else is read as X."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+        self.name = f"{inner.name}|none"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return self.inner.convert(value, param, ctx)
+
+
+class _Yaml(click.ParamType):
+    """A field of any other type: the value is read as YAML and the dataclass validates it."""
+
+    name = "yaml"
+
+    def convert(self, value, param, ctx):
+        return _scalar(value) if isinstance(value, str) else value
+
+
+def _click_type(hint):
+    """The Click type for a dataclass field's type hint, and whether it is an on/off flag."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        inner, is_flag = _click_type(rest[0]) if len(rest) == 1 else (_Yaml(), False)
+        return _NoneOr(click.BOOL if is_flag else inner), False
+    if hint is bool:
+        return None, True
+    if typing.get_origin(hint) is typing.Literal and all(isinstance(a, str) for a in args):
+        return click.Choice(args), False
+    return {int: click.INT, float: click.FLOAT, str: click.STRING}.get(hint, _Yaml()), False
+
+
+def _dataclass_options(cls) -> list[click.Option]:
+    """Click options ``--field-name`` for every field of dataclass ``cls``, typed from its hints,
+    with help from its docstring: a field added to ``cls`` becomes an option with no edit here.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = _dataclass_field_docs(cls)
+    options = []
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind, is_flag = _click_type(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else \
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+        if is_flag:
+            flag = f"{flag}/--no-{field.name.replace('_', '-')}"
+        options.append(click.Option([flag, field.name], type=kind, default=default, show_default=True,
+                                    help=docs.get(field.name, f"{cls.__name__}.{field.name}").replace("``", "")))
+    return options
+
+
+class _TrainCommand(click.Command):
+    """Adds TrainConfig's fields as options when first parsed or shown: importing the training
+    loop (timm) takes seconds that the other commands and ``attnbench --help`` should not wait for.
+    """
+
+    def get_params(self, ctx):
+        if not any(getattr(p, "name", None) == "epochs" for p in self.params):
+            from attnbench.train import TrainConfig
+
+            own = {p.name for p in self.params}
+            added = _dataclass_options(TrainConfig)
+            clash = own & {p.name for p in added}
+            if clash:   # a new TrainConfig field named like one of train's own options
+                raise RuntimeError(f"attnbench train: TrainConfig field(s) {sorted(clash)} clash with its options")
+            self.params.extend(added)
+        return super().get_params(ctx)
+
+
+def _given(values: dict) -> dict:
+    """The options the user set (command line or environment), not Click's defaults."""
+    ctx = click.get_current_context()
+    return {k: v for k, v in values.items()
+            if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+
+
+def _parse_run(spec: str) -> tuple[str, dict]:
+    """``castling:mask_schedule=gate_linear,schedule_end=0.5`` -> (``castling``, options); a qualified
+    ``dist:name`` keeps its colon (options follow the last colon before the first ``=``).
+    """
+    equals = spec.find("=")
+    if equals < 0:
+        return spec.strip(), {}
+    colon = spec.rfind(":", 0, equals)
+    if colon < 0:
+        fail(f"run '{spec}': expected VARIANT or VARIANT:KEY=VALUE,...")
+    return spec[:colon].strip(), parse_key_values(filter(None, spec[colon + 1:].split(",")), f"run '{spec}'")
+
+
+@main.command("train", cls=_TrainCommand)
+@click.argument("runs", nargs=-1, metavar="[RUN]...")
+@click.option("--dataset", default="digits", show_default=True, help="Data set name.")
+@click.option("--root", default=None, help="Local path, for data sets read from disk.")
+@click.option("--data-option", "data_items", multiple=True, metavar="KEY=VALUE",
+              help="A data set option, e.g. img_size=16 (repeatable).")
+@click.option("--arch", default=None, help="timm model name [default: a small ViT fitting the images].")
+@click.option("--model-option", "model_items", multiple=True, metavar="KEY=VALUE",
+              help="A timm model keyword, e.g. depth=1 (repeatable).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every result, with its history, to this JSON file.")
+def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, model_items: tuple, progress: bool,
+                  json_file, **config_values) -> None:
+    """Train each RUN with the same data, model and budget; report test top-1 before and after castling.
+
+    RUN is a variant name with optional options, VARIANT[:KEY=VALUE,...], e.g.
+    castling:mask_schedule=gate_linear,schedule_end=0.5 [default: softmax]. The other options are
+    TrainConfig's; --seed also seeds the data split and the model's initial weights.
+    """
+    from rich.text import Text
+
+    from attnbench import models
+    from attnbench.data import DataError, load_dataset
+    from attnbench.train import TrainConfig, default_arch, fit, resolve_device
+    from attnbench.variant import parse_options
+
+    specs = runs or ("softmax",)
+    parsed = [_parse_run(spec) for spec in specs]
+    for name, options in parsed:   # every run is checked before any trains
+        cls = _variant_or_fail(name).cls
+        try:
+            parse_options(cls, options)
+        except ValueError as err:
+            fail(str(err))
+    try:
+        config = TrainConfig(**_given(config_values))
+    except ValueError as err:
+        fail(str(err))
+    try:
+        resolve_device(config.device)
+    except RuntimeError as err:   # torch's message lists the device types it knows
+        fail(f"--device '{config.device}': {err}")
+    data_options = parse_key_values(data_items, "--data-option")
+    model_options = parse_key_values(model_items, "--model-option")
+    try:
+        splits = load_dataset(dataset, root=root, seed=config.seed, **data_options)
+    except DataError as err:
+        fail(str(err))
+    arch = arch or default_arch(splits)
+    console.print(f"data {splits.summary()}\nmodel {arch} {model_options}\nconfig {dataclasses.asdict(config)}",
+                  highlight=False, markup=False)
+    # Compact enough for 80 columns; every field of every result (validation too) is in --json.
+    table = Table(title=f"{dataset} / {arch} / seed {config.seed} / checkpoint {config.checkpoint}",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    labels = ["\n".join([name] + [f"{k}={v}" for k, v in options.items()]) for name, options in parsed]
+    table.add_column("run", overflow="fold", min_width=max(len(line) for text in labels for line in text.split("\n")))
+    for column in ("test\ntop-1", "castled\ntop-1", "switch\ncost", "flips", "best\nepoch", "mask\ndensity",
+                   "train\ns"):
+        table.add_column(column, justify="right", no_wrap=True)
+    results = []
+    for spec, label, (name, options) in zip(specs, labels, parsed):
+        try:
+            model = models.create_model(arch, name, options, seed=config.seed, num_classes=splits.num_classes,
+                                        in_chans=splits.in_chans, img_size=splits.img_size, **model_options)
+        except models.ModelError as err:
+            fail(str(err))
+        except TypeError as err:   # timm's constructor refused a keyword
+            fail(f"--model-option: {err}")
+        res = fit(model, splits, config, progress=progress, label=name)
+        results.append({"run": spec, "variant": name, "options": options, "arch": arch, "data": splits.summary(),
+                        **dataclasses.asdict(res)})
+        if not res.ok:
+            table.add_row(Text(label), Text("failed", "red"), *[""] * 6)
+            console.print(f"{spec}: failed: {res.error}", highlight=False, markup=False)
+            continue
+        table.add_row(Text(label), f"{res.test_top1:.2f}", f"{res.test_top1_castled:.2f}", f"{res.switch_cost:+.2f}",
+                      f"{res.switch_flips:.3f}", str(res.best_epoch),
+                      f"{res.mask_density:.3f}", f"{res.train_time_s:.1f}")
+        console.print(f"{spec}: test top-1 {res.test_top1:.2f} -> castled {res.test_top1_castled:.2f} "
+                      f"(switch cost {res.switch_cost:+.2f} points), {res.train_time_s:.1f} s",
+                      highlight=False, markup=False)
+    console.print(table)
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(results, indent=1, default=str))
+    failed = [r["run"] for r in results if r["status"] != "ok"]
+    if failed:   # a diverged run is a result, not bad input: exit 1
+        err_console.print(f"[bold red]failed:[/] {escape(', '.join(failed))}", highlight=False)
+        sys.exit(1)
 
 
 @main.command("sweep")
@@ -111,7 +457,7 @@ def sweep_command(experiment_file: Path, storage, results_dir: Path, device: str
         if dry_run or workers > 1:
             checked = check_experiment(experiment, device=device, results_dir=results_dir)
     except ExperimentError as err:
-        fail(str(err))
+        fail(str(err) + _missing_plugin_hint(str(err), experiment_file, results_dir))
     except ExperimentRefused as err:
         _refuse(err)
     if dry_run:
@@ -121,6 +467,27 @@ def sweep_command(experiment_file: Path, storage, results_dir: Path, device: str
                      retry_failed)
     else:
         _run_sweep(experiment, storage, results_dir, device, worker_index, retry_failed)
+
+
+def _missing_plugin_hint(message: str, experiment_file: Path, results_dir: Path) -> str:
+    """For an unknown variant in a study that has rows already: the distribution those rows ran it
+    from (a plugin that was uninstalled since), else ""."""
+    import re
+
+    import yaml
+
+    from attnbench.results import store
+
+    unknown = re.search(r"unknown variant '([^']+)'", message)
+    if unknown is None:
+        return ""
+    try:
+        raw = yaml.safe_load(experiment_file.read_text())
+        name = raw.get("name") if isinstance(raw, dict) else None
+        rows = store.read_rows(results_dir / str(name or experiment_file.stem), kind="trial")
+    except Exception:  # noqa: BLE001 - a hint only: the error itself is already complete
+        return ""
+    return registry.missing_variant_hint(unknown.group(1), rows)
 
 
 def _refuse(refused) -> "NoReturn":  # noqa: F821

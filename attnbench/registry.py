@@ -20,6 +20,9 @@ __all__ = [
     "VariantInfo",
     "register_variant",
     "list_variants",
+    "variant_distributions",
+    "recorded_distributions",
+    "missing_variant_hint",
     "get_variant",
     "variant_info",
     "build_attention",
@@ -142,12 +145,51 @@ def list_variants(distribution: Optional[str] = None) -> list[str]:
     )
 
 
+def variant_distributions() -> list[str]:
+    """Sorted names of the distributions that provide variants (``attnbench`` and the plugins)."""
+    return sorted({e.distribution for entries in _entries().values() for e in entries})
+
+
+def recorded_distributions(rows, variant: Optional[str] = None) -> list[str]:
+    """The distributions result rows say their variants came from (column ``variant_distribution``).
+
+    Args:
+        rows: a DataFrame of result rows with a ``variant`` column.
+        variant: only rows of this variant (``"dist:name"`` or ``name``); None: every row.
+
+    Returns:
+        Sorted distribution names; ``[]`` when the rows do not record them (older rows).
+    """
+    from attnbench.results.schema import names   # lazy: the registry is imported by every command
+
+    (column,) = names("variant_distribution")
+    if column not in getattr(rows, "columns", ()):
+        return []
+    if variant is not None and "variant" in rows.columns:
+        bare = variant.rpartition(":")[2]
+        rows = rows[rows["variant"].astype(str).str.rpartition(":")[2] == bare]
+    return sorted({str(d) for d in rows[column].dropna() if str(d)})
+
+
+def missing_variant_hint(variant: str, rows) -> str:
+    """For an unknown-variant error about a study with earlier rows: which distribution ran
+    ``variant`` then, e.g. ``"; the study's rows ran 'hydra' from distribution 'attnbench-hydra'"``;
+    ``""`` when the rows do not say.
+    """
+    dists = recorded_distributions(rows, variant)
+    if not dists:
+        return ""
+    names = " or ".join(f"'{d}'" for d in dists)
+    return f"; the study's rows ran '{variant.rpartition(':')[2]}' from distribution {names} (is it installed?)"
+
+
 def _resolve(name: str) -> _Entry:
     dist, _, bare = name.rpartition(":")
     entries = _entries().get(bare)
     if not entries:
-        raise VariantError(f"unknown variant '{bare}'{did_you_mean(bare, _entries())} "
-                           f"(known: {', '.join(list_variants())})")
+        raise VariantError(f"unknown variant '{name}'{did_you_mean(bare, _entries())} "
+                           f"(known: {', '.join(list_variants())}); a plugin providing it may not be installed "
+                           f"(installed variant distributions: {', '.join(variant_distributions())})")
     if dist:
         chosen = [e for e in entries if e.distribution == dist]
         if not chosen:

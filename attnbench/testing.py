@@ -8,7 +8,9 @@ A plugin author subclasses one class in their test suite::
         variant = "my-attention"          # the registered name
         options = {"feature_dim": 32}     # optional: options to build it with
 
-and pytest runs every check. ``attnbench variants --check`` runs the same checks without pytest.
+and pytest runs every check, plus :func:`check_installed_copy` (the tests exercise the installed
+plugin, not a source tree that shadows it). ``attnbench variants --check [NAME --option k=v]`` runs
+the checks in ``CHECKS`` without pytest.
 Each check is a plain function ``check_x(variant, options)`` that raises ``AssertionError``.
 """
 from __future__ import annotations
@@ -16,16 +18,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.metadata
+import inspect
+import json
 import traceback
+import urllib.parse
+import urllib.request
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from attnbench.registry import build_attention, get_variant, variant_class
+from attnbench.registry import (BUILTIN_DISTRIBUTION, LOCAL_DISTRIBUTION, build_attention, get_variant,
+                                variant_class, variant_info)
 from attnbench.variant import option_specs
 
-__all__ = ["CHECKS", "CheckResult", "VariantConformance", "run_checks", "HALF_PRECISION_TOLERANCE",
-           "half_precision_error"]
+__all__ = ["CHECKS", "CheckResult", "VariantConformance", "run_checks", "check_installed_copy",
+           "HALF_PRECISION_TOLERANCE", "half_precision_error"]
 
 DIM, HEADS, TOKENS, BATCH = 48, 3, 17, 2   # 17 = 16 grid tokens + a class token
 
@@ -130,6 +139,12 @@ def check_options_validation(variant: str, options: dict) -> None:
             assert spec.name in str(err), f"message does not name option {spec.name!r}: {err}"
         else:
             raise AssertionError(f"option {spec.name!r} accepted a value of the wrong type")
+
+
+def check_option_docs(variant: str, options: dict) -> None:
+    """Every option declares its help (``metadata={"help": ...}``), shown by ``attnbench variants NAME``."""
+    missing = [spec.name for spec in option_specs(get_variant(variant)) if not spec.help.strip()]
+    assert not missing, f"option(s) without metadata['help']: {', '.join(missing)}"
 
 
 def check_castle(variant: str, options: dict) -> None:
@@ -263,12 +278,52 @@ CHECKS: list[Callable[[str, dict], None]] = [
     check_determinism,
     check_zero_token,
     check_options_validation,
+    check_option_docs,
     check_castle,
     check_macs,
     check_timm_drop_in,
     check_half_precision_matches_float32,
     check_half_precision_finite,
 ]
+
+
+def check_installed_copy(variant: str, options: dict) -> None:
+    """A plugin's class is imported from its installed distribution, not from a source tree
+    that shadows it on ``sys.path`` (as the plugin's folder does when pytest runs there).
+
+    An editable install (``pip install -e``) is its source tree, so any file under it passes.
+    The built-in variants and in-process registrations are not installed copies and pass.
+    """
+    info = variant_info(variant)
+    if info.distribution in (BUILTIN_DISTRIBUTION, LOCAL_DISTRIBUTION):
+        return   # attnbench's own tests run against its working tree on purpose
+    imported = Path(inspect.getfile(info.cls)).resolve()
+    dist = importlib.metadata.distribution(info.distribution)
+    editable = _editable_root(dist)
+    if editable is not None:
+        assert imported.is_relative_to(editable), (
+            f"variant '{variant}' was imported from {imported}, outside the editable install of "
+            f"'{info.distribution}' ({editable}): another copy shadows it on sys.path")
+        return
+    installed = {Path(str(dist.locate_file(f))).resolve() for f in dist.files or ()}
+    if not installed:
+        return   # no RECORD (e.g. a hand-made dist-info): nothing to compare with
+    assert imported in installed, (
+        f"variant '{variant}' was imported from {imported}, not from the installed distribution "
+        f"'{info.distribution}' ({Path(str(dist.locate_file(''))).resolve()}): a source tree shadows it on "
+        f"sys.path, so these tests do not test what users install. Run pytest with --import-mode=importlib "
+        f"from a folder that holds no copy of the package (a src/ layout avoids this), or install with -e")
+
+
+def _editable_root(dist) -> Optional[Path]:
+    """The source folder of an editable install (PEP 610 direct_url.json), else None."""
+    try:
+        url = json.loads(dist.read_text("direct_url.json") or "{}")
+    except ValueError:
+        return None
+    if not url.get("dir_info", {}).get("editable") or not url.get("url", "").startswith("file:"):
+        return None
+    return Path(urllib.request.url2pathname(urllib.parse.urlparse(url["url"]).path)).resolve()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,5 +371,5 @@ def _as_test(check: Callable[[str, dict], None]):
     return test
 
 
-for _check in CHECKS:  # one test method per check, so a new check needs no second edit
+for _check in CHECKS + [check_installed_copy]:  # one test method per check: a new check needs no second edit
     setattr(VariantConformance, _as_test(_check).__name__, _as_test(_check))

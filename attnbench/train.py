@@ -11,11 +11,10 @@ split twice: in the training form and after ``castle()``. The difference is the 
 A non-finite loss ends the run with ``status="failed"`` and the reason in ``error``; it is
 never silent (:meth:`TrainResult.raise_for_status` turns it into :class:`TrainingDiverged`).
 
-``python -m attnbench.train --help`` runs one or several variants from the command line.
+``attnbench train --help`` runs one or several variants from the command line.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -35,7 +34,7 @@ from attnbench import models, precision as precisions
 from attnbench.data import DataSplits
 from attnbench.data.augment import Augmentation, BatchAugmenter
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device", "main"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device", "default_arch"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -483,91 +482,8 @@ def _evaluate_checkpoint(model, best, test_ds, val_ds, evaluate_kw, result: Trai
     result.switch_flips = float((before["pred"] != after["pred"]).sum()) / n if n else 0.0
 
 
-# --- command line -------------------------------------------------------------------------------
+# --- defaults ----------------------------------------------------------------------------------
 
 def default_arch(splits: DataSplits) -> str:
     """The small registered ViT that fits a data set's image size (8 -> patch 2, else 32 / patch 4)."""
     return "vit_pico_patch2_8" if splits.img_size <= 16 else "vit_pico_patch4_32"
-
-
-def _parse_value(text: str) -> Any:
-    import yaml
-    return yaml.safe_load(text)
-
-
-def _parse_run(spec: str) -> tuple[str, dict[str, Any]]:
-    """``castling:mask_schedule=gate_linear,schedule_end=0.5`` -> (name, options)."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"run '{spec}': option '{item}' is not key=value")
-        options[key.strip()] = _parse_value(value.strip())
-    return name.strip(), options
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m attnbench.train [options] RUN...``; prints one row per run."""
-    parser = argparse.ArgumentParser(prog="python -m attnbench.train", description=(
-        "Train each RUN (variant[:key=value,...]) on one data set with the same model, data and "
-        "budget; report test top-1 before and after castling."))
-    parser.add_argument("runs", nargs="*", default=["softmax"], metavar="RUN")
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--root", default=None)
-    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--arch", default=None, help="timm model name (default: a small ViT fitting the images)")
-    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--seed", type=int, default=0, help="model init, batch order and data split")
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in ("seed",):
-            continue
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=_parse_value, default=None)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--json", default=None, help="also write all results (with history) to this file")
-    args = parser.parse_args(argv)
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from attnbench.data import load_dataset
-    data_options = dict(_parse_run("x:" + ",".join(args.data_option))[1])
-    model_options = dict(_parse_run("x:" + ",".join(args.model_option))[1])
-    splits = load_dataset(args.dataset, root=args.root, seed=args.seed, **data_options)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if f.name != "seed" and getattr(args, f.name) is not None}
-    config = TrainConfig(seed=args.seed, **overrides)
-    arch = args.arch or default_arch(splits)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    console.print(f"data {splits.summary()}\nmodel {arch} {model_options}\nconfig {dataclasses.asdict(config)}",
-                  highlight=False, soft_wrap=True)
-    table = Table(title=f"{args.dataset} / {arch} / seed {args.seed} / checkpoint {config.checkpoint}")
-    for col in ("run", "status", "test top-1", "castled", "switch cost", "flips", "val top-1", "best epoch",
-                "mask density", "train s"):
-        table.add_column(col)
-    results = []
-    for spec in args.runs:
-        name, options = _parse_run(spec)
-        model = models.create_model(arch, name, options, seed=args.seed, num_classes=splits.num_classes,
-                                    in_chans=splits.in_chans, img_size=splits.img_size, **model_options)
-        res = fit(model, splits, config, progress=not args.no_progress, label=name)
-        results.append({"run": spec, "variant": name, "options": options, "arch": arch,
-                        "data": splits.summary(), **dataclasses.asdict(res)})
-        table.add_row(spec, res.status if res.ok else f"failed: {res.error}", f"{res.test_top1:.2f}",
-                      f"{res.test_top1_castled:.2f}", f"{res.switch_cost:+.2f}", f"{res.switch_flips:.4f}",
-                      f"{res.val_top1:.2f}", str(res.best_epoch), f"{res.mask_density:.4f}",
-                      f"{res.train_time_s:.1f}")
-        console.print(f"{spec}: test top-1 {res.test_top1:.2f} -> castled {res.test_top1_castled:.2f} "
-                      f"(switch cost {res.switch_cost:+.2f} points), {res.train_time_s:.1f} s", highlight=False)
-    console.print(table)
-    if args.json:
-        import json
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-    return 0 if all(r["status"] == "ok" for r in results) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

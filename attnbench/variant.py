@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import typing
 from typing import Any, ClassVar, Literal, Optional
 
@@ -20,6 +21,7 @@ __all__ = [
     "AttentionVariant",
     "NoOptions",
     "OptionSpec",
+    "LIMIT_KEYS",
     "option_specs",
     "parse_options",
     "preset",
@@ -32,6 +34,11 @@ class NoOptions:
     """Options of a variant that has none of its own."""
 
 
+#: Numeric limits an option may declare in its field metadata, e.g. ``metadata={"help": ..., "gt": 0}``;
+#: :func:`parse_options` enforces them and ``attnbench variants NAME`` shows them.
+LIMIT_KEYS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
 @dataclasses.dataclass(frozen=True)
 class OptionSpec:
     """One typed option of a variant: what a sweep may vary and a user may set.
@@ -41,7 +48,9 @@ class OptionSpec:
         kind: one of ``bool``, ``int``, ``float``, ``str``, ``choice``.
         default: default value (after presets are applied).
         choices: allowed values for ``choice`` options, else ``()``.
-        help: one line, from the field's ``metadata['help']`` where given.
+        help: one line, from the field's ``metadata['help']``.
+        limits: numeric bounds from the field's metadata (``gt``, ``ge``, ``lt``, ``le``), as
+            ``(key, bound)`` pairs, lower bound first.
     """
 
     name: str
@@ -49,11 +58,28 @@ class OptionSpec:
     default: Any
     choices: tuple = ()
     help: str = ""
+    limits: tuple = ()
 
     def describe(self) -> str:
+        """``name=default`` with the allowed values, on one line."""
         if self.kind == "choice":
-            return f"{self.name}={self.default!r} ({'|'.join(map(str, self.choices))})"
-        return f"{self.name}={self.default!r} ({self.kind})"
+            return f"{self.name}={self.default!r} ({self.allowed()})"
+        return f"{self.name}={self.default!r} ({', '.join(filter(None, (self.kind, self.allowed())))})"
+
+    def allowed(self) -> str:
+        """The values it accepts beyond its type: ``all | head``, ``> 0``, ``in [0, 1)``; ``""`` for any."""
+        if self.kind == "choice":
+            return " | ".join(map(str, self.choices))
+        bounds = dict(self.limits)
+        low = next(((k, bounds[k]) for k in ("gt", "ge") if k in bounds), None)
+        high = next(((k, bounds[k]) for k in ("lt", "le") if k in bounds), None)
+        if low and high:
+            return f"in {'(' if low[0] == 'gt' else '['}{low[1]:g}, {high[1]:g}{')' if high[0] == 'lt' else ']'}"
+        return " ".join(f"{LIMIT_KEYS[k]} {v:g}" for k, v in filter(None, (low, high)))
+
+    def within_limits(self, value: Any) -> bool:
+        compare = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
+        return all(compare[key](value, bound) for key, bound in self.limits)
 
 
 def did_you_mean(word: str, candidates) -> str:
@@ -80,8 +106,24 @@ def option_specs(cls: type["AttentionVariant"]) -> list[OptionSpec]:
     for field in dataclasses.fields(cls.Options):
         kind, choices = _field_kind(hints[field.name])
         default = cls._bound_options.get(field.name, field.default)
-        specs.append(OptionSpec(field.name, kind, default, choices, field.metadata.get("help", "")))
+        limits = _field_limits(field, kind)
+        specs.append(OptionSpec(field.name, kind, default, choices, field.metadata.get("help", ""), limits))
     return specs
+
+
+def _field_limits(field: dataclasses.Field, kind: str) -> tuple:
+    limits = tuple((key, field.metadata[key]) for key in LIMIT_KEYS if key in field.metadata)
+    if not limits:
+        return ()
+    if kind not in ("int", "float"):
+        raise TypeError(f"option '{field.name}': limits ({', '.join(k for k, _ in limits)}) need an int or "
+                        f"float option, not {kind}")
+    for key, bound in limits:
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+            raise TypeError(f"option '{field.name}': limit {key}={bound!r} is not a number")
+    if {"gt", "ge"} <= field.metadata.keys() or {"lt", "le"} <= field.metadata.keys():
+        raise TypeError(f"option '{field.name}': give one lower limit (gt or ge) and one upper (lt or le)")
+    return limits
 
 
 def _check_value(variant: str, spec: OptionSpec, value: Any) -> Any:
@@ -91,7 +133,7 @@ def _check_value(variant: str, spec: OptionSpec, value: Any) -> Any:
         "float": "a number",
         "str": "a string",
         "choice": "one of " + ", ".join(repr(c) for c in spec.choices),
-    }[spec.kind]
+    }[spec.kind] + (f" {spec.allowed()}" if spec.limits else "")
     ok = {
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -99,6 +141,8 @@ def _check_value(variant: str, spec: OptionSpec, value: Any) -> Any:
         "str": isinstance(value, str),
         "choice": value in spec.choices,
     }[spec.kind]
+    if ok and spec.limits:
+        ok = spec.within_limits(value)
     if not ok:
         hint = did_you_mean(value, spec.choices) if spec.kind == "choice" else ""
         raise ValueError(

@@ -25,7 +25,7 @@ from test_registry import BUILTINS, PLUGIN_MODULE, fake_distribution
 pytestmark = pytest.mark.slow
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "attnbench-hydra"
-PASSED = f"{len(CHECKS)}/{len(CHECKS)} passed"
+PASSED = f"{len(CHECKS)}/{len(CHECKS)} passed"   # `variants --check` runs CHECKS
 
 BAD_SHAPE = PLUGIN_MODULE + '''
 class BadShape(TinyAttention):
@@ -152,10 +152,34 @@ def test_example_plugin_is_listed_with_its_distribution(hydra_site, tmp_path):
     done = attnbench("variants", sites=(hydra_site,), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     line = row(done.stdout, "hydra")
-    assert "attnbench-hydra" in line and "normalize='all' (all|head)" in line
+    assert "attnbench-hydra" in line and "normalize, eps" in row_block(done.stdout, "hydra")
     for name in BUILTINS:
         assert "attnbench" in row(done.stdout, name)
     assert "warning" not in done.stderr, done.stderr
+
+
+def test_example_plugin_options_are_described_and_checked_with_given_values(hydra_site, tmp_path):
+    done = attnbench("variants", "hydra", sites=(hydra_site,), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "from distribution attnbench-hydra (attnbench_hydra:HydraAttention)" in done.stdout
+    assert re.search(r"│ eps\s+│ float\s+│ 1e-06\s+│ > 0\s+│ floor of the L2 norm", done.stdout), done.stdout
+    done = attnbench("variants", "--check", "hydra", "--option", "normalize=head", sites=(hydra_site,), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "with normalize='head'" in done.stdout and PASSED in done.stdout
+    done = attnbench("variants", "--check", "hydra", "--option", "normalise=head", sites=(hydra_site,), cwd=tmp_path)
+    assert done.returncode == 2 and "did you mean 'normalize'?" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_plugin_tests_fail_loudly_when_a_source_tree_shadows_the_installed_copy(hydra_site):
+    # The source folder ahead of the installed copy on sys.path, as a flat layout or a
+    # `pythonpath = src` setting puts it: the conformance suite must not pass silently.
+    env = _env((EXAMPLE / "src", hydra_site))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_conformance.py"],
+                          cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stdout[-3000:]
+    assert "test_installed_copy" in done.stdout and "not from the installed distribution 'attnbench-hydra'" in \
+        done.stdout, done.stdout[-3000:]
+    assert re.search(r"\b2 failed\b", done.stdout), done.stdout[-3000:]    # one per test class, nothing else
 
 
 def test_example_plugin_passes_its_own_conformance_tests(hydra_site):

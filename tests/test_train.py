@@ -114,12 +114,3 @@ def test_last_checkpoint_time_budget_and_callback(digits):
 def test_progress_bar_runs(digits):
     result = train.fit(tiny_model(digits), digits, short(max_steps=2), progress=True)
     assert result.ok
-
-
-def test_command_line(tmp_path, capsys):
-    out = tmp_path / "runs.json"
-    code = train.main(["softmax", "castling:mask_schedule=gate_step,schedule_end=0.5", "--max-steps", "3",
-                       "--model-option", "depth=1", "--no-progress", "--json", str(out), "--device", "cpu"])
-    assert code == 0 and out.exists()
-    text = capsys.readouterr().out
-    assert "switch cost" in text and "gate_step" in text

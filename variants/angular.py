@@ -36,14 +36,13 @@ def angular_similarity(cos: torch.Tensor, order: int = 0) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class AngularOptions:
     order: int = dataclasses.field(
-        default=0, metadata={"help": "0 = exact arccos; odd n truncates the Taylor series after x^n"})
-    eps: float = dataclasses.field(default=1e-6, metadata={"help": "floor of |q|, |k| in the cosine"})
+        default=0, metadata={"help": "0 = exact arccos; odd n truncates the Taylor series after x^n",
+                             "ge": 0})
+    eps: float = dataclasses.field(default=1e-6, metadata={"help": "floor of |q|, |k| in the cosine", "gt": 0})
 
     def __post_init__(self):
         if self.order < 0 or (self.order and self.order % 2 == 0):
             raise ValueError(f"option 'order' must be 0 (exact) or odd (1, 3, 5, ...), got {self.order}")
-        if self.eps <= 0:
-            raise ValueError(f"option 'eps' must be > 0, got {self.eps}")
 
 
 class AngularAttention(AttentionVariant):

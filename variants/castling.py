@@ -25,24 +25,23 @@ class CastlingOptions(LinearAngularOptions):
     mask_schedule: Literal["none", "fixed", "threshold_ramp", "gate_linear", "gate_cosine",
                            "gate_step", "l1_ramp"] = dataclasses.field(
         default="fixed", metadata={"help": "how the auxiliary branch is driven to zero (fixed = official)"})
-    threshold: float = dataclasses.field(default=0.02, metadata={"help": "mask keeps probabilities above it"})
-    schedule_start: float = dataclasses.field(default=0.0, metadata={"help": "progress where the schedule starts"})
+    threshold: float = dataclasses.field(
+        default=0.02, metadata={"help": "mask keeps probabilities above it", "gt": 0, "lt": 1})
+    schedule_start: float = dataclasses.field(
+        default=0.0, metadata={"help": "progress where the schedule starts", "ge": 0, "le": 1})
     schedule_end: float = dataclasses.field(
-        default=0.8, metadata={"help": "progress from which the branch is exactly empty"})
-    gate_steps: int = dataclasses.field(default=4, metadata={"help": "gate_step: number of equal drops"})
-    l1_weight: float = dataclasses.field(default=1e-2, metadata={"help": "l1_ramp: final weight of the L1 penalty on S"})
+        default=0.8, metadata={"help": "progress from which the branch is exactly empty (>= schedule_start)",
+                               "ge": 0, "le": 1})
+    gate_steps: int = dataclasses.field(default=4, metadata={"help": "gate_step: number of equal drops", "ge": 1})
+    l1_weight: float = dataclasses.field(
+        default=1e-2, metadata={"help": "l1_ramp: final weight of the L1 penalty on S", "ge": 0})
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"option 'threshold' must be in (0, 1), got {self.threshold}")
-        if not 0.0 <= self.schedule_start <= self.schedule_end <= 1.0:
-            raise ValueError("options 'schedule_start' <= 'schedule_end' must lie in [0, 1], got "
+        # Single-option limits are declared in the field metadata; only the pair is checked here.
+        if not self.schedule_start <= self.schedule_end:
+            raise ValueError("option 'schedule_start' must be <= 'schedule_end', got "
                              f"{self.schedule_start} and {self.schedule_end}")
-        if self.gate_steps < 1:
-            raise ValueError(f"option 'gate_steps' must be >= 1, got {self.gate_steps}")
-        if self.l1_weight < 0:
-            raise ValueError(f"option 'l1_weight' must be >= 0, got {self.l1_weight}")
 
 
 class CastlingAttention(LinearAngularAttention):

@@ -20,11 +20,7 @@ FEATURE_MAPS = {
 class LinearOptions:
     feature_map: Literal["relu", "elu"] = dataclasses.field(
         default="elu", metadata={"help": "phi: relu (EfficientViT) or elu+1 (Katharopoulos)"})
-    eps: float = dataclasses.field(default=1e-6, metadata={"help": "added to the row normaliser"})
-
-    def __post_init__(self):
-        if self.eps <= 0:
-            raise ValueError(f"option 'eps' must be > 0, got {self.eps}")
+    eps: float = dataclasses.field(default=1e-6, metadata={"help": "added to the row normaliser", "gt": 0})
 
 
 class LinearAttention(AttentionVariant):

@@ -25,8 +25,8 @@ class LinearAngularOptions:
     residual: Literal["none", "dwconv", "dwconv2d"] = dataclasses.field(
         default="dwconv", metadata={"help": "stand-in for the high-order residual: none, "
                                              "depthwise conv along tokens (official), 2-D over the grid"})
-    kernel_size: int = dataclasses.field(default=9, metadata={"help": "dwconv taps along tokens (odd)"})
-    grid_kernel_size: int = dataclasses.field(default=3, metadata={"help": "dwconv2d kernel side (odd)"})
+    kernel_size: int = dataclasses.field(default=9, metadata={"help": "dwconv taps along tokens (odd)", "ge": 1})
+    grid_kernel_size: int = dataclasses.field(default=3, metadata={"help": "dwconv2d kernel side (odd)", "ge": 1})
     num_prefix_tokens: int = dataclasses.field(
         default=-1, metadata={"help": "dwconv2d: class/register tokens before the grid; -1 infers "
                                       "N - isqrt(N)^2. They get no conv term."})
@@ -34,15 +34,14 @@ class LinearAngularOptions:
     constant: Literal["official", "faithful"] = dataclasses.field(
         default="official", metadata={"help": "official: 0.5 v, no row normaliser; faithful: "
                                                "0.5 sum(v) and division by the kernel row sum"})
-    eps: float = dataclasses.field(default=1e-6, metadata={"help": "norm floor (the official code has none)"})
+    eps: float = dataclasses.field(default=1e-6, metadata={"help": "norm floor (the official code has none)",
+                                                                 "gt": 0})
 
     def __post_init__(self):
         for name in ("kernel_size", "grid_kernel_size"):
             size = getattr(self, name)
             if size < 1 or size % 2 == 0:
                 raise ValueError(f"option '{name}' must be a positive odd integer, got {size}")
-        if self.eps <= 0:
-            raise ValueError(f"option 'eps' must be > 0, got {self.eps}")
 
 
 class LinearAngularAttention(AttentionVariant):

@@ -24,17 +24,17 @@ __version__ = "0.1.0"
 
 @dataclasses.dataclass(frozen=True)
 class HydraOptions:
-    """Typed options: what `attnbench variants` lists and an experiment may sweep."""
+    """Typed options: what `attnbench variants` lists and an experiment may sweep.
+
+    Every field declares ``help``; numeric limits (``gt``, ``ge``, ``lt``, ``le``) in the metadata
+    are enforced by attnbench and shown by ``attnbench variants hydra``.
+    """
 
     normalize: Literal["all", "head"] = dataclasses.field(
         default="all",
         metadata={"help": "L2-normalise q and k over all C channels of a token (paper) "
                           "or within each of the layer's num_heads groups"})
-    eps: float = dataclasses.field(default=1e-6, metadata={"help": "floor of the L2 norm"})
-
-    def __post_init__(self):
-        if not self.eps > 0:
-            raise ValueError(f"option 'eps' must be > 0, got {self.eps}")
+    eps: float = dataclasses.field(default=1e-6, metadata={"help": "floor of the L2 norm", "gt": 0})
 
 
 class HydraAttention(AttentionVariant):
