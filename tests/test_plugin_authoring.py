@@ -229,3 +229,23 @@ def test_the_distributions_a_studys_rows_came_from():
         "; the study's rows ran 'hydra' from distribution 'attnbench-hydra' (is it installed?)"
     older = rows.drop(columns="variant_distribution")      # rows written before the column existed
     assert recorded_distributions(older) == [] and missing_variant_hint("hydra", older) == ""
+
+
+def test_sweep_names_the_distribution_a_missing_variant_ran_from(tmp_path):
+    """A study whose rows ran a plugin that is no longer installed says which distribution it was."""
+    from click.testing import CliRunner
+
+    from attnbench.cli import main
+    from attnbench.results import store
+
+    store.write_rows(tmp_path / "results" / "gone", [
+        {"kind": "trial", "study": "gone", "trial": 0, "seed": 0, "label": "ghost", "variant": "ghost-attn",
+         "variant_distribution": "attnbench-ghost", "variant_distribution_version": "0.3.0"}], "trials/trial-00000")
+    experiment = tmp_path / "gone.yaml"
+    experiment.write_text("name: gone\ndata: {dataset: digits}\ntrain: {epochs: 1}\nseeds: [0]\n"
+                          "variants: [ghost-attn]\n")
+    result = CliRunner().invoke(main, ["sweep", str(experiment), "--results", str(tmp_path / "results")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "unknown variant 'ghost-attn'" in lines[0], result.output
+    assert "may not be installed" in lines[0] and "'attnbench-ghost'" in lines[0], lines[0]
