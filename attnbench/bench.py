@@ -4,7 +4,7 @@ For every (variant, token count): MACs counted by :func:`attnbench.measure.count
 variant's analytic ``macs(N)``, parameters, peak memory of one forward, and latency. Variants
 are castled first, so the inference form is measured.
 
-Latency protocol (``measuring.md``): all (variant, N) callables are timed interleaved,
+Latency protocol (docs/measuring.md): all (variant, N) callables are timed interleaved,
 round-robin, in one process (:func:`attnbench.measure.time_interleaved`), and that whole
 measurement runs in ``repeats`` fresh processes (``python -m attnbench.bench --worker``), one
 after another. Reported: the median over processes of the per-process medians, the

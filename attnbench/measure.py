@@ -4,7 +4,7 @@ Units are part of every name: MACs are multiply-accumulates (1 MAC = 2 FLOPs), t
 milliseconds (``*_ms``), memory is bytes (``*_bytes``).
 
 - MACs: CPU SDPA is one fused op that counters see as zero, so every count runs under the SDPA
-  math backend, which decomposes it into matmuls (see ``measuring.md``).
+  math backend, which decomposes it into matmuls (see docs/measuring.md).
 - Latency: an explicit thread count (``torch.utils.benchmark.Timer`` defaults to one thread),
   set with ``torch.utils.benchmark``'s thread control and timed with its synchronising clock
   (on CUDA: CUDA events around each block, after a synchronisation);

@@ -1,4 +1,4 @@
-"""Slow, obvious references for every built-in variant, written from castling-spec.md.
+"""Slow, obvious references for every built-in variant, written from the method as docs/method.md states it.
 
 Each takes a built layer (for its weights and options) and x of shape (B, N, C) and computes the
 layer's output token by token, head by head, with no cleverness. They are differentiable, so

@@ -1,6 +1,6 @@
 """Castling attention: linear-angular + DWConv + an auxiliary masked softmax branch in training.
 
-castling-spec.md section 3. The branch A = softmax(q k^T / sqrt(d)) on the raw q, k, masked by
+docs/method.md, "The auxiliary branch and the switch". The branch A = softmax(q k^T / sqrt(d)) on the raw q, k, masked by
 M = 1[A > threshold] (no gradient through the comparison), adds S v = (M * A * gate) v before
 the output normalisation. It has no parameters, so the official block's state dict loads
 unchanged with the branch on or off; ``castle()`` drops it for inference. The branch and the

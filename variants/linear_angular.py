@@ -1,4 +1,4 @@
-"""Linear-angular attention, the Castling-ViT inference block (castling-spec.md section 2).
+"""Linear-angular attention, the Castling-ViT inference block (docs/method.md, "Linear-angular attention").
 
     Y = proj(merge(normalize(0.5 v + (1/pi) q^ (k^^T v)) + DWConv(v)))
 

@@ -1,4 +1,4 @@
-"""The linear-angular attention core (castling-spec.md section 2): plain reference and fast path.
+"""The linear-angular attention core (docs/method.md, "Linear-angular attention"): plain reference and fast path.
 
 Per head, on q, k, v of shape (B, h, N, d)::
 
@@ -64,7 +64,7 @@ def linear_angular_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, e
                          constant: Constant = "official", normalize_output: bool = True,
                          extra: Optional[torch.Tensor] = None, conv_weight: Optional[torch.Tensor] = None,
                          residual: Optional[torch.Tensor] = None, return_prenorm: bool = False):
-    """The reference formulation, step by step as in castling-spec.md section 2.
+    """The reference formulation, step by step as docs/method.md states it.
 
     Args:
         q, k, v: (B, h, N, d).

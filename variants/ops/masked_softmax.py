@@ -1,4 +1,4 @@
-"""Castling's auxiliary branch (castling-spec.md section 3): S v, plain reference and fast path.
+"""Castling's auxiliary branch (docs/method.md, "The auxiliary branch"): S v, plain reference and fast path.
 
     A = softmax(q k^T / sqrt(d))  on the raw q, k          (B, h, N, N)
     S = gate * 1[A > threshold] * A                        (no gradient through the comparison)
