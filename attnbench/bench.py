@@ -218,12 +218,7 @@ def _build_under(ops: str, shapes: int, *args, dtype: str = precision.DEFAULT_PR
                  device: str = "cpu") -> nn.Module:
     """:func:`build_module` in a process that will run it with the ``ops`` implementation, at ``dtype``."""
     _use_ops(ops, shapes)
-    return _at_precision(build_module(*args), dtype, device)
-
-
-def _at_precision(module: nn.Module, dtype: str, device: str) -> nn.Module:
-    """``module`` whose forward runs under ``dtype``'s autocast (float32: the module itself)."""
-    return module if dtype == precision.DEFAULT_PRECISION else precision.AutocastModule(module, dtype, device)
+    return precision.at_precision(build_module(*args), dtype, device)
 
 
 def _key(variant: str, tokens: int) -> str:
@@ -239,7 +234,7 @@ def _time_in_this_process(config: BenchConfig, on_block=None) -> dict[str, dict]
     callables = {}
     for tokens in config.tokens:
         for variant in config.variants:
-            module = _at_precision(_build(config, variant, tokens).to(config.device), config.dtype, config.device)
+            module = precision.at_precision(_build(config, variant, tokens).to(config.device), config.dtype, config.device)
             torch.manual_seed(1)
             x = torch.randn(config.batch, *input_shape(config, tokens), device=config.device)
             callables[_key(variant, tokens)] = (module, x)

@@ -72,6 +72,12 @@ class AutocastModule(nn.Module):
             return self.module(*args, **kwargs)
 
 
+def at_precision(module: nn.Module, precision: str, device: Union[str, torch.device]) -> nn.Module:
+    """``module`` whose forward runs in ``precision`` (float32: the module itself), for measuring
+    the inference form in the precision it was trained in."""
+    return module if check_precision(precision) == DEFAULT_PRECISION else AutocastModule(module, precision, device)
+
+
 def _as_float32(value: Any) -> Any:
     return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES else value
 

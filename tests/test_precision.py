@@ -87,18 +87,32 @@ def test_fit_trains_under_autocast_on_cpu(digits, name):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_sweep_in_bfloat16_stores_the_precision(tmp_path):
+def test_sweep_in_bfloat16_stores_the_precision(tmp_path, monkeypatch):
+    from attnbench import measure
+
+    timed = []
+    real_time_latency = measure.time_latency
+
+    def recording_time_latency(model, x, **kwargs):   # which precision the latency is measured in
+        timed.append(model)
+        return real_time_latency(model, x, **kwargs)
+
+    monkeypatch.setattr(measure, "time_latency", recording_time_latency)
     path = tmp_path / "bf16.yaml"
     path.write_text(
         "name: bf16\ndata: {dataset: digits}\n"
         "train: {epochs: 1, max_steps: 3, batch_size: 32, num_threads: 1, precision: bfloat16}\n"
         "seeds: [0]\nvariants: [softmax, linear-angular]\nsampler: grid\n"
-        "measure: {latency: false, memory: false}\n")
+        "measure: {latency: true, repeats: 2, batch_size: 4, memory: false}\n")
     summary = run_sweep(load_experiment(path), results_dir=tmp_path / "results")
     assert (summary.done, summary.failed) == (2, 0)
     rows = store.read_rows(tmp_path / "results" / "bf16", kind="trial")
     assert set(rows["status"]) == {"complete"}
     assert [json.loads(c)["precision"] for c in rows["train_config"]] == ["bfloat16", "bfloat16"]
+    assert list(rows["precision"]) == ["bfloat16", "bfloat16"]
+    # the inference form is timed in the precision it was trained in
+    assert len(timed) == 2 and all(isinstance(m, precision.AutocastModule) and m.precision == "bfloat16"
+                                   for m in timed)
 
 
 # --- the half-precision checks can fail -----------------------------------------------------------

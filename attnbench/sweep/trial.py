@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import optuna
 from optuna.trial import TrialState
 
-from attnbench import kernels, measure, models, provenance, registry
+from attnbench import kernels, measure, models, precision, provenance, registry
 from attnbench.experiment import CONFIG_PARAM, Experiment, ParamSpec, VariantConfig
 from attnbench.experiment_check import CheckedExperiment
 from attnbench.results import schema, store
@@ -101,15 +101,19 @@ def _costs(ctx: TrialContext, config: VariantConfig) -> dict[str, Any]:
 def _speed(ctx: TrialContext, config: VariantConfig, model) -> dict[str, Any]:
     """Latency and memory of the inference form, as switched on under ``measure``, and the kernels that ran."""
     spec = ctx.experiment.measure
+    # Measured in the precision the model was trained in (float32 unless train.precision says otherwise).
+    trained_in = ctx.experiment.train.get("precision", precision.DEFAULT_PRECISION)
     out: dict[str, Any] = {}
     if spec.latency:
         import torch
         x = torch.randn(spec.batch_size, *_input_shape(ctx), device=ctx.device)
-        lat = measure.time_latency(model.eval(), x, threads=spec.threads, repeats=spec.repeats, device=ctx.device)
+        lat = measure.time_latency(precision.at_precision(model.eval(), trained_in, ctx.device), x,
+                                   threads=spec.threads, repeats=spec.repeats, device=ctx.device)
         out.update(latency_median_ms=lat.median_ms, latency_iqr_ms=lat.iqr_ms, measure_batch=spec.batch_size,
                    samples_per_s=lat.samples_per_s)
     if spec.memory:
-        build = functools.partial(_castled_model, ctx.arch, config.variant, config.options, **_model_kwargs(ctx))
+        build = functools.partial(_castled_model, ctx.arch, config.variant, config.options, trained_in, ctx.device,
+                                  **_model_kwargs(ctx))
         mem = measure.peak_memory(build, (spec.batch_size, *_input_shape(ctx)), device=ctx.device,
                                   threads=spec.threads)
         # The forward's own peak; the process peak is mostly the interpreter and torch itself.
@@ -120,9 +124,10 @@ def _speed(ctx: TrialContext, config: VariantConfig, model) -> dict[str, Any]:
     return out
 
 
-def _castled_model(arch: str, variant: str, options: dict, **model_kwargs):
-    """Module-level (picklable) builder of the inference form, for the memory child process."""
-    return models.castle(models.create_model(arch, variant, options, **model_kwargs))
+def _castled_model(arch: str, variant: str, options: dict, precision_name: str, device: str, **model_kwargs):
+    """Module-level (picklable) builder of the inference form at a precision, for the memory child process."""
+    return precision.at_precision(models.castle(models.create_model(arch, variant, options, **model_kwargs)),
+                                  precision_name, device)
 
 
 def _row(ctx: TrialContext, trial: optuna.Trial, key: int, config: VariantConfig, seed: int,
