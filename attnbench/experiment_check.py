@@ -304,15 +304,15 @@ class _Check:
         shape = (1, facts.in_chans, facts.img_size, facts.img_size)
         error = None
         for device in ("meta", "cpu"):   # the meta device first; an op without a meta kernel: CPU
-            try:
-                with torch.device(device), torch.no_grad():
+            try:   # the caller's random state stays as it was (a CPU build draws initial weights)
+                with torch.random.fork_rng(devices=[]), torch.device(device), torch.no_grad():
                     model = models.create_model(arch, config.variant, config.options, **kwargs).eval()
                     if not self.patches(model, arch, facts.img_size, param):
                         return
                     model(torch.zeros(shape))   # shapes: a token grid a variant cannot take fails here
                 return
-            except Exception as err:  # noqa: BLE001 - reported in one line
-                error = error or err
+            except Exception as err:  # noqa: BLE001 - reported in one line (the CPU's error, if both fail)
+                error = err
         self.problem(probe.field, f"configuration '{config.label}' ({config.variant}, options "
                                   f"{json.dumps(config.options, sort_keys=True, default=str)}) cannot be built "
                                   f"and run: {type(error).__name__}: {_one_line(str(error))}")
@@ -325,14 +325,21 @@ class _Check:
 
 
 def _keywords(cls: type) -> Optional[list[str]]:
-    """The keywords a class's constructor takes, or None if it takes any (``**kwargs``)."""
-    try:
-        parameters = inspect.signature(cls.__init__).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return [p.name for p in parameters if p.name != "self"]
+    """The keywords a class's constructor takes (following ``**kwargs`` passed on to its base
+    classes), or None if it takes any."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            parameters = list(inspect.signature(vars(klass)["__init__"]).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        names += [p.name for p in parameters[1:] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                               inspect.Parameter.KEYWORD_ONLY)]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return names
+    return None
 
 
 def _parameter_names(function: Callable) -> list[str]:

@@ -203,13 +203,17 @@ def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, si
                   deadline: float, display: Optional["SweepDisplay"]) -> Optional[FrozenTrial]:
     """Run one trial (a queued re-run, else a new one); ``claim`` is released once it exists.
     Returns the trial as stored, or None if none started or another worker took it over."""
-    started: dict[str, int] = {}
+    started: dict[str, Any] = {}
 
     def objective(trial: optuna.Trial) -> Any:
         claim.release()
         started["number"] = trial.number
-        with sigint.work():
-            return run_trial(ctx, trial)
+        try:
+            with sigint.work():
+                return run_trial(ctx, trial)
+        except Exception as err:
+            started["raised"] = err
+            raise
 
     try:
         study.optimize(objective, n_trials=1, catch=(TrialFailed,),
@@ -219,9 +223,11 @@ def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, si
         # connection, SIGSTOP), another worker failed its trial and queued a re-run, and Optuna
         # cannot record this outcome any more (which exception says so differs between Optuna
         # versions: "Cannot tell a FAIL trial", UpdateFinishedTrialError, "Should not reach").
-        # The storage decides, not the exception.
+        # The storage decides, not the exception. An exception the objective raised and Optuna
+        # recorded (it raises it again after storing the trial FAIL) is no takeover: a bug, shown.
         mine = trial_by_number(study, started["number"]) if "number" in started else None
-        if mine is None or not (isinstance(err, TrialTakenOver) or was_taken_over(mine)):
+        recorded = err is started.get("raised") and not isinstance(err, TrialTakenOver)
+        if mine is None or recorded or not was_taken_over(mine):
             raise
         if display:
             display.log(f"trial {trial_key(mine)} was taken over by another worker (no heartbeat for "

@@ -187,9 +187,16 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
     # First: which worker runs it (host:pid), for watching a study; a trial naming none is an orphan.
     trial.set_user_attr("worker", ctx.worker)
     key = trial_key(trial_by_number(trial.study, trial.number))
-    params = _suggest(trial, e)
-    config = e.resolve(params)
-    ctx = dataclasses.replace(ctx, splits=ctx.data(config.data_options))
+    try:
+        params = _suggest(trial, e)
+        config = e.resolve(params)
+        ctx = dataclasses.replace(ctx, splits=ctx.data(config.data_options))
+    except optuna.exceptions.OptunaError:
+        raise   # the trial is no longer this worker's: the loop finds out
+    except Exception as err:  # a failure of this trial (say, a trial of an earlier version of the file)
+        message = f"{type(err).__name__}: {err}"
+        trial.set_user_attr(ERROR_ATTR, message)
+        raise TrialFailed(message) from err
     trial.set_user_attr("label", config.label)
     trial.set_user_attr(EXPERIMENT_ATTR, e.fingerprint())
     prunable = e.base_label(params) != e.baseline   # the baseline is never pruned: every Δ needs it
