@@ -567,17 +567,28 @@ def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, 
 
 def _print_plan(checked) -> None:
     from attnbench import sweep
+    from attnbench.fitted_table import FittedColumn, FittedTable
 
     experiment = checked.experiment
     arch, rows = sweep.plan(checked)
-    table = Table(title=f"plan of study '{escape(experiment.name)}' ({escape(experiment.source)})")
-    for column in ("configuration", "variant", "options", "tokens", "MACs (inference)", "attention MACs", "params"):
-        table.add_column(column, overflow="fold")
-    for config, costs in rows:
-        table.add_row(escape(config.label), escape(config.variant), escape(json.dumps(config.options, sort_keys=True)),
-                      str(costs["num_tokens"]), f"{costs['macs']:,}", f"{costs['attention_macs']:,}",
-                      f"{costs['params']:,}")
-    console.print(table)
+    columns = [("configuration", [config.label for config, _ in rows]),
+               ("variant", [config.variant for config, _ in rows]),
+               # one option a line: a long set of options stays readable and no value is split
+               ("options", ["\n".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                                      for k, v in sorted(config.options.items())) or "-"
+                            for config, _ in rows]),
+               ("tokens", [str(costs["num_tokens"]) for _, costs in rows]),
+               ("MACs\n(inference)", [f"{costs['macs']:,}" for _, costs in rows]),
+               ("attention\nMACs", [f"{costs['attention_macs']:,}" for _, costs in rows]),
+               ("params", [f"{costs['params']:,}" for _, costs in rows])]
+    console.print(FittedTable(
+        [FittedColumn(header.replace("\n", " "), header, cells, "left" if header in ("configuration", "variant",
+                                                                                      "options") else "right")
+         for header, cells in columns],
+        title=f"plan of study '{experiment.name}' ({experiment.source})",
+        priority=("configuration", "variant", "options", "MACs (inference)", "params", "attention MACs", "tokens"),
+        omitted_note=lambda omitted, width: f"Left out to fit {width} columns: {', '.join(omitted)} (a wider "
+                                            f"terminal shows them)."))
     n_trials = experiment.n_trials()
     continuous = "" if experiment.plan() else \
         f" (continuous search space: configurations sampled by {experiment.sampler})"

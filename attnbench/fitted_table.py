@@ -85,7 +85,7 @@ class FittedTable:
         rows = list(zip(*(c.cells for c in columns))) if columns else []
         for i, cells in enumerate(rows, 1):
             table.add_row(*(Text(cell) for cell in cells),
-                          end_section=len(rows) > self.section_every and i % self.section_every == 0)
+                          end_section=i % self.section_every == 0 and i < len(rows))
         return table
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
