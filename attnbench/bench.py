@@ -476,6 +476,8 @@ def plot(result: BenchResult, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy, no pyplot, no GUI backend
     from matplotlib.figure import Figure
 
+    from attnbench.results.plots import variant_color
+
     config = result.config
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
@@ -485,8 +487,8 @@ def plot(result: BenchResult, path: Path) -> Path:
         n = [r["tokens"] for r in rows]
         ms = [r["latency_median_ms"] for r in rows]
         err = [[m - r["latency_min_ms"] for m, r in zip(ms, rows)], [r["latency_max_ms"] - m for m, r in zip(ms, rows)]]
-        ax_ms.errorbar(n, ms, yerr=err, marker="o", capsize=3, label=variant)
-        ax_macs.plot(n, [r["macs"] for r in rows], marker="o", label=variant)
+        ax_ms.errorbar(n, ms, yerr=err, marker="o", capsize=3, color=variant_color(variant), label=variant)
+        ax_macs.plot(n, [r["macs"] for r in rows], marker="o", color=variant_color(variant), label=variant)
     where = f"{config.device}, {_threads_label(config.thread_count)}" if config.device == "cpu" else config.device
     where += f", {config.dtype}"
     shape = f"{config.level}, C={config.dim}, h={config.heads}" + (f", depth {config.depth}" if config.level == "model" else "")
