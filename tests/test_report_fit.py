@@ -188,10 +188,16 @@ def _bench_result(variants=("softmax", "linear-angular", "castling"), tokens=(19
 
 
 def test_bench_table_fits_80_columns():
-    lines = _render(bench.render(_bench_result()), 80).splitlines()
+    result = _bench_result()
+    text = _render(bench.render(result), 80)
+    lines = text.splitlines()
     assert max(len(line) for line in lines) <= 80
-    assert sum("linear-angular  12545" in line for line in lines) == 1
-    assert any("16.3G" in line and "1.57x" in line for line in lines)
+    for row in result.rows:                       # each row on one line, its values whole
+        speed = f"{row['speedup_vs_softmax']:.2f}x"
+        assert sum(line.split()[:2] == [row["variant"], str(row["tokens"])] and speed in line
+                   for line in lines) == 1, row
+    prose = " ".join(text.split())
+    assert "Left out to fit 80 columns: params" in prose and "vs softmax: softmax's ms" in prose
 
 
 # ------------------------------------------------------------------------------------ plots
