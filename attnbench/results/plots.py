@@ -236,7 +236,7 @@ def mask_density_plot(curves: pd.DataFrame, path: Path) -> Optional[Path]:
     if curves.empty or not metrics:
         return None
     fig, axes = _figure(len(metrics))
-    styles = ("-", "--", ":", "-.")
+    styles = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 3)))
     for ax, metric in zip(axes, metrics):
         seen: dict[str, int] = {}   # variant -> configurations drawn: their line styles tell them apart
         for (config, variant), group in curves.groupby(["config", "variant"], sort=False, dropna=False):
@@ -244,7 +244,7 @@ def mask_density_plot(curves: pd.DataFrame, path: Path) -> Optional[Path]:
             name = variant if isinstance(variant, str) else ""
             style = styles[seen.get(name, 0) % len(styles)]
             seen[name] = seen.get(name, 0) + 1
-            ax.plot(line["progress"], line[metric], style, color=variant_color(name), label=config)
+            ax.plot(line["progress"], line[metric], linestyle=style, color=variant_color(name), label=config)
         ax.set(xlabel="training progress", ylabel=f"{metric.replace('_', ' ')} (mean over layers, seeds)",
                title=f"{metric.replace('_', ' ')} over training")
         ax.grid(True, alpha=0.3)
