@@ -471,6 +471,8 @@ def plot(result: BenchResult, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy, no pyplot, no GUI backend
     from matplotlib.figure import Figure
 
+    from attnbench.results.plots import variant_color
+
     config = result.config
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
@@ -480,8 +482,8 @@ def plot(result: BenchResult, path: Path) -> Path:
         n = [r["tokens"] for r in rows]
         ms = [r["latency_median_ms"] for r in rows]
         err = [[m - r["latency_min_ms"] for m, r in zip(ms, rows)], [r["latency_max_ms"] - m for m, r in zip(ms, rows)]]
-        ax_ms.errorbar(n, ms, yerr=err, marker="o", capsize=3, label=variant)
-        ax_macs.plot(n, [r["macs"] for r in rows], marker="o", label=variant)
+        ax_ms.errorbar(n, ms, yerr=err, marker="o", capsize=3, color=variant_color(variant), label=variant)
+        ax_macs.plot(n, [r["macs"] for r in rows], marker="o", color=variant_color(variant), label=variant)
     where = f"{config.device}, {_threads_label(config.thread_count)}" if config.device == "cpu" else config.device
     where += f", {config.dtype}"
     shape = f"{config.level}, C={config.dim}, h={config.heads}" + (f", depth {config.depth}" if config.level == "model" else "")
@@ -517,28 +519,43 @@ def _si(value: Optional[float]) -> str:
 def render(result: BenchResult) -> list:
     """Rich renderables: the results table, one crossover line per variant, a load warning."""
     from rich.markup import escape
-    from rich.table import Table
+
+    from attnbench.fitted_table import FittedColumn, FittedTable
 
     config = result.config
-    table = Table(title=f"attnbench bench: {config.level} level, C={config.dim}, h={config.heads}, batch "
-                        f"{config.batch}, {config.device}, {config.dtype}, {_threads_label(config.thread_count)}, "
-                        f"{config.repeats} processes x {config.samples} blocks, ops {config.ops}",
-                  caption="MACs per sample (1 MAC = 2 FLOPs); ms = median over processes of per-process "
-                          "medians; IQR within a process; spread = (max-min)/median across processes; "
-                          "mem = peak resident rise during one forward (batch)")
-    for column, justify in (("variant", "left"), ("N", "right"), ("MACs", "right"), ("attn MACs\nanalytic", "right"),
-                            ("params", "right"), ("ms", "right"), ("IQR", "right"), ("spread", "right"),
-                            ("vs\nsoftmax", "right"), ("mem\nMiB", "right")):
-        table.add_column(column, justify=justify, no_wrap=column in ("variant", "N"))
-    for row in result.rows:
-        speed = row.get("speedup_vs_softmax")
-        ms = row["latency_median_ms"]
-        iqr_pct = 100.0 * row["latency_iqr_ms"] / ms if ms else math.nan
-        mem = row.get("forward_memory_mb")
-        table.add_row(escape(row["variant"]), str(row["tokens"]), _si(row["macs"]), _si(row["attention_macs"]),
-                      _si(row["params"]), f"{ms:.3g}" if ms < 100 else f"{ms:.0f}", f"{iqr_pct:.0f}%",
-                      f"{row['latency_spread_pct']:.0f}%", "-" if speed is None else f"{speed:.2f}x",
-                      "-" if mem is None else f"{mem:.1f}")
+    speeds = [row.get("speedup_vs_softmax") for row in result.rows]
+    mems = [row.get("forward_memory_mb") for row in result.rows]
+    columns = [  # (header, cells, legend); a header's second line keeps its column narrow
+        ("variant", [row["variant"] for row in result.rows], ""),
+        ("N", [str(row["tokens"]) for row in result.rows], "N: tokens."),
+        ("MACs", [_si(row["macs"]) for row in result.rows], "MACs per sample (counted, 1 MAC = 2 FLOPs)."),
+        ("attn MACs\nanalytic", [_si(row["attention_macs"]) for row in result.rows],
+         "attn MACs: analytic MACs of the attention layers."),
+        ("params", [_si(row["params"]) for row in result.rows], ""),
+        ("ms", [f"{r['latency_median_ms']:.3g}" if r["latency_median_ms"] < 100 else f"{r['latency_median_ms']:.0f}"
+                for r in result.rows], "ms: median over processes of per-process medians."),
+        ("IQR", [f"{100.0 * r['latency_iqr_ms'] / r['latency_median_ms']:.0f}%" if r["latency_median_ms"] else "-"
+                 for r in result.rows], "IQR: within a process, % of ms."),
+        ("spread", [f"{row['latency_spread_pct']:.0f}%" for row in result.rows],
+         "spread: (max-min)/median across processes."),
+        ("vs\nsoftmax", ["-" if speed is None else f"{speed:.2f}x" for speed in speeds],
+         "vs softmax: softmax's ms / this ms."),
+        ("mem\nMiB", ["-" if mem is None else f"{mem:.1f}" for mem in mems],
+         "mem: peak resident rise during one forward (batch)."),
+    ]
+    legends = {header.replace("\n", " "): text for header, _, text in columns}
+    table = FittedTable(
+        [FittedColumn(header.replace("\n", " "), header, cells, "left" if header == "variant" else "right")
+         for header, cells, _ in columns],
+        title=f"attnbench bench: {config.level} level, C={config.dim}, h={config.heads}, batch {config.batch}, "
+              f"{config.device}, {config.dtype}, {_threads_label(config.thread_count)}, {config.repeats} processes "
+              f"x {config.samples} blocks, ops {config.ops}",
+        priority=("variant", "N", "ms", "vs softmax", "MACs", "spread", "IQR", "mem MiB", "attn MACs analytic",
+                  "params"),
+        legend=lambda shown: " ".join(legends[name] for name in shown if legends[name]),
+        section_every=len(config.variants),   # rows go token count by token count: a rule between them
+        omitted_note=lambda omitted, width: f"Left out to fit {width} columns: {', '.join(omitted)} (the rows "
+                                            f"file holds every value).")
     lines = [table]
     other = {r["variant"]: r["kernel_implementation"] for r in result.rows
              if r["kernel_implementation"] not in (config.ops, kernels.SINGLE)}

@@ -567,17 +567,28 @@ def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, 
 
 def _print_plan(checked) -> None:
     from attnbench import sweep
+    from attnbench.fitted_table import FittedColumn, FittedTable
 
     experiment = checked.experiment
     arch, rows = sweep.plan(checked)
-    table = Table(title=f"plan of study '{escape(experiment.name)}' ({escape(experiment.source)})")
-    for column in ("configuration", "variant", "options", "tokens", "MACs (inference)", "attention MACs", "params"):
-        table.add_column(column, overflow="fold")
-    for config, costs in rows:
-        table.add_row(escape(config.label), escape(config.variant), escape(json.dumps(config.options, sort_keys=True)),
-                      str(costs["num_tokens"]), f"{costs['macs']:,}", f"{costs['attention_macs']:,}",
-                      f"{costs['params']:,}")
-    console.print(table)
+    columns = [("configuration", [config.label for config, _ in rows]),
+               ("variant", [config.variant for config, _ in rows]),
+               # one option a line: a long set of options stays readable and no value is split
+               ("options", ["\n".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                                      for k, v in sorted(config.options.items())) or "-"
+                            for config, _ in rows]),
+               ("tokens", [str(costs["num_tokens"]) for _, costs in rows]),
+               ("MACs\n(inference)", [f"{costs['macs']:,}" for _, costs in rows]),
+               ("attention\nMACs", [f"{costs['attention_macs']:,}" for _, costs in rows]),
+               ("params", [f"{costs['params']:,}" for _, costs in rows])]
+    console.print(FittedTable(
+        [FittedColumn(header.replace("\n", " "), header, cells, "left" if header in ("configuration", "variant",
+                                                                                      "options") else "right")
+         for header, cells in columns],
+        title=f"plan of study '{experiment.name}' ({experiment.source})",
+        priority=("configuration", "variant", "options", "MACs (inference)", "params", "attention MACs", "tokens"),
+        omitted_note=lambda omitted, width: f"Left out to fit {width} columns: {', '.join(omitted)} (a wider "
+                                            f"terminal shows them)."))
     n_trials = experiment.n_trials()
     continuous = "" if experiment.plan() else \
         f" (continuous search space: configurations sampled by {experiment.sampler})"
@@ -679,7 +690,9 @@ def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, thre
               help="Keep rows matching a pandas query on the summary's columns, e.g. 'macs<1e8' (repeatable).")
 @click.option("--sort", default=None, help="Sort by this column [default: study, then top-1 best first].")
 @click.option("--desc", is_flag=True, help="Sort descending.")
-@click.option("--columns", default=None, help="Comma-separated columns [default: the paper table; csv/json: all].")
+@click.option("--columns", default=None,
+              help="Comma-separated columns [default: the paper table, as many as fit the terminal; csv/json: all].")
+@click.option("--wide", is_flag=True, help="Table: show every column whatever the terminal width (cells may wrap).")
 @click.option("--baseline", default=None, help="Configuration label to compare with [default: softmax, if present].")
 @click.option("--format", "fmt", default="table", show_default=True,
               type=click.Choice(["table", "csv", "markdown", "json"]))
@@ -691,8 +704,8 @@ def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, thre
               help="Also write one HTML page with the tables and the plots embedded.")
 @click.option("--strict", is_flag=True,
               help="Fail on a result file that cannot be read, instead of skipping it with a warning.")
-def report_command(results_dir: Path, studies, labels, variants, filters, sort, desc, columns, baseline, fmt, out,
-                   plots_dir, no_plots, html_file, strict) -> None:
+def report_command(results_dir: Path, studies, labels, variants, filters, sort, desc, columns, wide, baseline, fmt,
+                   out, plots_dir, no_plots, html_file, strict) -> None:
     """Tables, Pareto fronts and plots: one row per configuration, mean ± std over seeds."""
     from attnbench.results import report
 
@@ -707,8 +720,7 @@ def report_command(results_dir: Path, studies, labels, variants, filters, sort, 
             raise report.ReportError(f"no trial rows under '{results_dir}' to export (only benchmark rows)")
         frame = trials if trials.empty else report.select(report.summarize(trials, baseline), studies, labels,
                                                           variants, filters, sort, desc)
-        chosen = report.check_columns(frame, columns.split(","), "--columns") if columns and not trials.empty \
-            else None
+        chosen = report.check_view_columns(frame, columns.split(",")) if columns and not trials.empty else None
     except report.ReportError as err:
         fail(str(err))
     notes = err_console if fmt != "table" and out is None else console
@@ -717,7 +729,7 @@ def report_command(results_dir: Path, studies, labels, variants, filters, sort, 
     elif frame.empty:
         fail("no configuration matches --study/--label/--variant/--filter")
     elif fmt == "table":
-        _print_tables(report.rich_tables(frame, chosen or report.DEFAULT_COLUMNS), out)
+        _print_tables(report.rich_tables(frame, chosen or report.DEFAULT_COLUMNS, wide=wide), out)
     elif out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report.export(frame, fmt, chosen))

@@ -131,7 +131,7 @@ def test_seeds_that_differ_get_welch(tmp_path):
     linear = _row(summary, "linear", "s")
     assert linear["test"] == "welch" and linear["n_pairs"] == 0 and linear["p_raw"] == linear["p_welch"]
     markdown = report.export(summary, "markdown")
-    assert f"yes (p={linear['p_holm']:.2g} Welch; CI [" in markdown
+    assert f"| yes | [" in markdown and f"| {linear['p_holm']:.2g} |" in markdown and "| Welch |" in markdown
     assert "Welch's t-test where the seeds differ" in markdown and "paired t-test" not in markdown
 
 
@@ -183,7 +183,7 @@ def test_rich_table(summary):
     console.print(*report.rich_tables(summary))
     text = console.export_text()
     assert "study 'ablation' (vit_pico on digits)" in text and "study 'other'" in text
-    assert "71.50 ± 1.00" in text and "yes (p=0.0066 paired; CI [-11.00, -9.00]; MDE 3.26)" in text
+    assert "71.50 ± 1.00" in text and "[-11.00, -9.00]" in text and "0.0066" in text and "3.26" in text
     assert "600 M" in text
 
 
@@ -194,14 +194,16 @@ def test_exports_parse(summary):
     assert records[0].keys() == {"config", "top1", "n"} and len(records) == 6
     markdown = report.export(summary, "markdown")
     lines = markdown.splitlines()
-    header = lines.index("| configuration | n | top-1 % | pre-castle % | switch cost | Δ vs base | beyond noise "
-                         "| MACs | MACs saved % | params | latency ms | mem MiB | Pareto | failed | pruned |")
+    header = lines.index("| configuration | n | top-1 % | Δ vs base | beyond noise | 95% CI of Δ | p (Holm) | P(better) "
+                         "| test | MDE | pre-castle % | switch cost | MACs | MACs saved % | params | latency ms "
+                         "| mem MiB | Pareto | failed | pruned |")
     assert lines[header + 1].startswith("|---|---:|")
-    assert any(line.startswith("| castling | 3 | 71.50 ± 1.00 | 72.50 | +1.00 | +0.50 | no (p=0.48 paired; CI [")
-               for line in lines)
+    assert any(line.startswith("| castling | 3 | 71.50 ± 1.00 | +0.50 | no | [") and "| 0.48 | 0.67 | paired | "
+               in line for line in lines)
     legend = next(line for line in lines if line.startswith("top-1: test %"))
-    assert "p < 0.05 after Holm's correction" in legend and "paired t-test on the seeds both ran" in legend
-    assert "Welch" not in legend and "CI: 95% bootstrap interval (BCa, over seeds)" in legend
+    assert "beyond noise: p (Holm) < 0.05" in legend and "paired t-test on the seeds both ran" in legend
+    assert "after Holm's correction" in legend
+    assert "Welch" not in legend and "95% CI of Δ: bootstrap interval (BCa, over seeds)" in legend
     assert "MDE (under 5 seeds)" in legend
     linear = frame[frame["label"] == "linear"].iloc[0]            # the exports keep every p
     assert linear["p_welch"] < linear["p_raw"] < linear["p_holm"] < 0.01 and linear["test"] == "paired"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -16,25 +17,44 @@ import pandas as pd
 from attnbench.results import schema
 from attnbench.results.report import KEYS, prepare_trials
 
-__all__ = ["write_plots", "pareto_plot", "scaling_plot", "mask_curves", "mask_density_plot"]
+__all__ = ["variant_color", "write_plots", "pareto_figure", "pareto_plot", "scaling_plot", "mask_curves",
+           "mask_density_plot"]
 
 _SETUP = schema.names("level", "dim", "heads", "depth", "measure_batch", "device", "threads", "kernel_implementation")
 _MACS, _LATENCY, _VARIANT, _TOKENS, _CURVE = schema.names("macs", "latency_median_ms", "variant", "tokens",
                                                           "mask_density_curve")
 
 
+#: The built-in variants' colours (matplotlib's tab10), fixed so that every plot, of any subset
+#: of variants, draws a variant alike.
+_VARIANT_COLORS = {"softmax": "tab:blue", "linear": "tab:orange", "angular": "tab:green", "castling": "tab:red",
+                   "linear-angular": "tab:purple", "castling-faithful": "tab:brown", "castling-no-aux": "tab:pink",
+                   "identity": "tab:gray", "castling-no-dwconv": "tab:olive", "castling-no-norm": "tab:cyan"}
+# other (plugin) variants: the light half of tab20, picked by a stable hash of the name
+_OTHER_COLORS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d",
+                 "#9edae5")
+
+
+def variant_color(variant: str) -> str:
+    """The colour of ``variant`` in every plot (Pareto, scaling, mask density, bench's own)."""
+    return _VARIANT_COLORS.get(variant) or _OTHER_COLORS[zlib.crc32(str(variant).encode()) % len(_OTHER_COLORS)]
+
+
+_DPI = 110
+
+
 def _figure(panels: int):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.5 * panels, 4.2), layout="constrained")
+    fig = Figure(figsize=(5.5 * panels, 4.2), layout="constrained", dpi=_DPI)
     FigureCanvasAgg(fig)
     return fig, np.atleast_1d(fig.subplots(1, panels))
 
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=_DPI)
     return path
 
 
@@ -42,29 +62,114 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "study"
 
 
-def pareto_plot(summary: pd.DataFrame, path: Path) -> Optional[Path]:
-    """Top-1 (mean, bars = std over seeds) against MACs and against latency; the front highlighted."""
-    costs = [(c, label, front) for c, label, front in ((_MACS, "MACs per image (inference form)", "pareto_macs"),
-                                                       (_LATENCY, "latency, ms (median)", "pareto_latency"))
-             if c in summary and summary[c].notna().any()]
+def _overlaps(box, boxes) -> bool:
+    return any(box.overlaps(other) for other in boxes)
+
+
+_RADII = (9, 16, 24, 34, 46, 60, 76, 94, 114, 136, 160, 190, 220)           # points from the marker
+_ANGLES = np.deg2rad([0, 180, 90, 270, 30, 150, 210, 330, 60, 120, 240, 300])  # right, left, up, down first
+
+
+def _place_labels(fig, ax, points: list[tuple[float, float, str]]) -> None:
+    """Annotate each (x, y, text) so that no two label boxes overlap, nor a label and a marker.
+
+    Deterministic: labels go in the order given, each to the first free spot on rings of growing
+    radius around its point, inside the axes if any spot there is free; a label away from its
+    point gets a leader line. Extents come from the Agg renderer at the figure's final layout
+    (settled, then frozen, first).
+    """
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    renderer = fig.canvas.get_renderer()
+    scale = fig.dpi / 72.0                # points -> display pixels
+    area = ax.get_window_extent(renderer)
+    marker = 4 * scale
+    taken = [Bbox.from_extents(x - marker, y - marker, x + marker, y + marker)
+             for x, y in ax.transData.transform([(px, py) for px, py, _ in points]).reshape(-1, 2)]
+    spots = [(r * np.cos(a), r * np.sin(a)) for r in _RADII for a in _ANGLES]
+    for x, y, text in points:
+        probe = ax.annotate(text, (x, y), xytext=spots[0], textcoords="offset points", fontsize=8, va="center")
+
+        def box_at(dx: float, dy: float):
+            probe.xyann = (dx, dy)
+            # the box's near edge at the spot, so the label reads from beside its point
+            probe.set_ha("left" if dx > 1 else "right" if dx < -1 else "center")
+            probe.update_positions(renderer)
+            return Text.get_window_extent(probe, renderer).padded(1.5 * scale)
+
+        def free(inside: bool):
+            for dx, dy in spots:
+                box = box_at(dx, dy)
+                if (not inside or (area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0
+                                   and box.y1 <= area.y1)) and not any(box.overlaps(t) for t in taken):
+                    return dx, dy, box
+            return None
+
+        dx, dy, box = free(inside=True) or free(inside=False) or (*spots[0], box_at(*spots[0]))
+        ha = probe.get_ha()
+        probe.remove()
+        leader = dict(arrowstyle="-", color="0.5", lw=0.6, shrinkA=0, shrinkB=4) if np.hypot(dx, dy) > 12 else None
+        label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, va="center",
+                            ha=ha, arrowprops=leader, annotation_clip=False)
+        label.set_in_layout(False)
+        taken.append(box)
+
+
+def pareto_figure(summary: pd.DataFrame):
+    """The Pareto figure of one study (a matplotlib Figure), or None when there is nothing to plot.
+
+    Top-1 (mean, bars = std over seeds) against MACs and against latency, a point per
+    configuration coloured by its variant, the front drawn through; configurations with no
+    complete seed (or no cost measured) are named in a note.
+    """
+    panels = [(c, label, title, front) for c, label, title, front in (
+        (_MACS, "MACs per image (inference form)", "top-1 vs MACs", "pareto_macs"),
+        (_LATENCY, "latency, ms (median)", "top-1 vs latency", "pareto_latency"))
+        if c in summary and summary[c].notna().any()]
     rows = summary[summary["top1"].notna()]
-    if rows.empty or not costs:
+    if rows.empty or not panels:
         return None
-    fig, axes = _figure(len(costs))
-    for ax, (cost, label, front) in zip(axes, costs):
+    fig, axes = _figure(len(panels))
+    notes = []
+    unseeded = summary.loc[summary["top1"].isna(), "config"].tolist()
+    if unseeded:
+        notes.append("no complete seed, not plotted: " + ", ".join(map(str, unseeded)))
+    placements = []
+    for ax, (cost, label, title, front) in zip(axes, panels):
         data = rows[rows[cost].notna()]
-        ax.errorbar(data[cost], data["top1"], yerr=data["top1_std"].fillna(0), fmt="o", color="0.55", capsize=3,
-                    label="configuration")
-        best = data[data[front]].sort_values(cost)
-        ax.plot(best[cost], best["top1"], "o-", color="tab:red", label="Pareto front")
-        for _, row in data.iterrows():
-            ax.annotate(row["config"], (row[cost], row["top1"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
-        ax.set(xlabel=label, ylabel="top-1 % (mean ± std over seeds)", title=f"top-1 vs {label.split(' ')[0]}")
+        unmeasured = rows.loc[rows[cost].isna(), "config"].tolist()
+        if unmeasured:
+            notes.append(f"no {title.split(' vs ')[1]} measured: " + ", ".join(map(str, unmeasured)))
+        for variant, group in data.groupby(_VARIANT, sort=True, dropna=False):
+            name = variant if isinstance(variant, str) else "(unknown variant)"
+            ax.errorbar(group[cost], group["top1"], yerr=group["top1_std"].fillna(0), fmt="o", capsize=3,
+                        color=variant_color(name), label=name, zorder=3)
+        best = data[data[front].astype(bool)].sort_values(cost)
+        ax.plot(best[cost], best["top1"], "--", color="black", lw=1, label="Pareto front", zorder=2)
+        ax.plot(best[cost], best["top1"], "o", mfc="none", mec="black", ms=10, mew=1, zorder=4)
+        ax.set(xlabel=label, ylabel="top-1 % (mean ± std over seeds)", title=title)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        # best configurations first: they get the spots nearest their points
+        placements.append((ax, [(r[cost], r["top1"], str(r["config"]))
+                                for _, r in data.sort_values("top1", ascending=False).iterrows()]))
     fig.suptitle(f"study '{summary['study'].iloc[0]}'")
-    return _save(fig, path)
+    # one legend for the figure, beside the axes: inside it would cover points and labels
+    legend = {name: handle for ax in axes for handle, name in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize=8)
+    if notes:
+        fig.supxlabel("; ".join(notes), fontsize=8, color="0.3")
+    for ax, points in placements:
+        _place_labels(fig, ax, points)
+    return fig
+
+
+def pareto_plot(summary: pd.DataFrame, path: Path) -> Optional[Path]:
+    """Write :func:`pareto_figure` to ``path``; None when there is nothing to plot."""
+    fig = pareto_figure(summary)
+    return None if fig is None else _save(fig, path)
 
 
 def scaling_plot(bench: pd.DataFrame, path: Path) -> Optional[Path]:
@@ -83,7 +188,8 @@ def scaling_plot(bench: pd.DataFrame, path: Path) -> Optional[Path]:
         for (variant, setup), group in data.groupby([_VARIANT, "setup"], sort=True):
             curve = group.groupby(_TOKENS)[metric].median().dropna()
             if not curve.empty:
-                ax.plot(curve.index, curve.values, "o-", label=f"{variant} ({setup})" if many else variant)
+                ax.plot(curve.index, curve.values, "o-", color=variant_color(variant),
+                        label=f"{variant} ({setup})" if many else variant)
         ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=label, title=f"{label} vs tokens")
         ticks = sorted(data[_TOKENS].dropna().unique())
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
@@ -97,10 +203,10 @@ def mask_curves(trials: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     """Mask density and branch ratio over training, mean over layers and complete seeds.
 
     Returns:
-        Columns ``study, config, progress, mask_density, branch_ratio``; empty when no row has
-        a ``mask_density_curve``.
+        Columns ``study, config, variant, progress, mask_density, branch_ratio``; empty when no
+        row has a ``mask_density_curve``.
     """
-    columns = ["study", "config", "progress", "mask_density", "branch_ratio"]
+    columns = ["study", "config", "variant", "progress", "mask_density", "branch_ratio"]
     if trials.empty or _CURVE not in trials:
         return pd.DataFrame(columns=columns)
     names = {tuple(key): config for *key, config in summary[[*KEYS, "config"]].itertuples(index=False)}
@@ -113,13 +219,15 @@ def mask_curves(trials: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
             points = json.loads(row.mask_density_curve)
         except json.JSONDecodeError:
             continue
-        records += [{"study": row.study, "config": names[key], **p} for p in points if isinstance(p, dict)]
+        records += [{"study": row.study, "config": names[key], "variant": row.variant, **p} for p in points
+                    if isinstance(p, dict)]
     frame = pd.DataFrame(records)
     if frame.empty or "progress" not in frame:
         return pd.DataFrame(columns=columns)
     for column in ("mask_density", "branch_ratio"):
         frame[column] = pd.to_numeric(frame.get(column), errors="coerce")
-    return frame.groupby(["study", "config", "progress"], as_index=False)[["mask_density", "branch_ratio"]].mean()
+    return frame.groupby(["study", "config", "variant", "progress"], as_index=False, dropna=False)[
+        ["mask_density", "branch_ratio"]].mean()
 
 
 def mask_density_plot(curves: pd.DataFrame, path: Path) -> Optional[Path]:
@@ -128,10 +236,15 @@ def mask_density_plot(curves: pd.DataFrame, path: Path) -> Optional[Path]:
     if curves.empty or not metrics:
         return None
     fig, axes = _figure(len(metrics))
+    styles = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 3)))
     for ax, metric in zip(axes, metrics):
-        for config, group in curves.groupby("config", sort=False):
+        seen: dict[str, int] = {}   # variant -> configurations drawn: their line styles tell them apart
+        for (config, variant), group in curves.groupby(["config", "variant"], sort=False, dropna=False):
             line = group.dropna(subset=[metric]).sort_values("progress")
-            ax.plot(line["progress"], line[metric], "-", label=config)
+            name = variant if isinstance(variant, str) else ""
+            style = styles[seen.get(name, 0) % len(styles)]
+            seen[name] = seen.get(name, 0) + 1
+            ax.plot(line["progress"], line[metric], linestyle=style, color=variant_color(name), label=config)
         ax.set(xlabel="training progress", ylabel=f"{metric.replace('_', ' ')} (mean over layers, seeds)",
                title=f"{metric.replace('_', ' ')} over training")
         ax.grid(True, alpha=0.3)

@@ -30,8 +30,8 @@ import pandas as pd
 from attnbench.results import schema, stats, store
 from attnbench.variant import did_you_mean
 
-__all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "FORMATS", "Results", "load_results", "load_store",
-           "prepare_trials", "summarize", "pareto_front", "select", "apply_filter", "check_columns", "rich_tables",
+__all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "TABLE_PRIORITY", "FORMATS", "Results", "load_results", "load_store",
+           "prepare_trials", "summarize", "pareto_front", "select", "apply_filter", "check_columns", "check_view_columns", "rich_tables",
            "export", "html_page"]
 
 BASELINE = "softmax"   #: default baseline label (used when a study has it)
@@ -41,10 +41,18 @@ FORMATS = ("table", "csv", "markdown", "json")
 # own columns are listed in _DERIVED.
 _DERIVED = ("config", "n", "failed", "pruned", "top1_std", "baseline", "delta_top1", *stats.COLUMNS,
             "macs_reduction_pct", "pareto_macs", "pareto_latency", "pareto")
-#: Columns of the table, markdown and HTML views unless ``--columns`` says otherwise.
-DEFAULT_COLUMNS = ("config", "n", *schema.names("top1", "top1_train_form", "switch_cost"), "delta_top1",
-                   "beyond_noise", *schema.names("macs"), "macs_reduction_pct",
-                   *schema.names("params", "latency_median_ms", "forward_memory_mb"), "pareto", "failed", "pruned")
+#: Columns of the table, markdown and HTML views unless ``--columns`` says otherwise, in display
+#: order. ``delta_ci`` is a view of ``delta_ci_low`` and ``delta_ci_high`` (see _COMPOSITES).
+DEFAULT_COLUMNS = ("config", "n", *schema.names("top1"), "delta_top1", "beyond_noise", "delta_ci", "p_holm",
+                   "prob_improvement", "test", "min_detectable", *schema.names("top1_train_form", "switch_cost",
+                                                                                 "macs"),
+                   "macs_reduction_pct", *schema.names("params", "latency_median_ms", "forward_memory_mb"),
+                   "pareto", "failed", "pruned")
+#: Which columns the terminal table keeps first when the width does not hold them all: the
+#: configuration, its top-1 and the verdict against the baseline, then costs, then details.
+TABLE_PRIORITY = ("config", "n", "top1", "delta_top1", "beyond_noise", "delta_ci", "p_holm", "prob_improvement",
+                  "macs", "macs_reduction_pct", "latency_median_ms", "pareto", "top1_train_form", "switch_cost",
+                  "failed", "pruned", "test", "min_detectable", "params", "forward_memory_mb")
 _MEANS = schema.names("top1_train_form", "switch_cost", "best_val_top1", "mask_density_end", "branch_ratio_end",
                       "wall_time_s")
 _MEDIANS = schema.names("macs", "attention_macs", "params", "num_tokens", "latency_median_ms", "latency_iqr_ms",
@@ -254,13 +262,18 @@ def _mark_pareto(summary: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------- selection
 
-def check_columns(frame: pd.DataFrame, names: Iterable[str], option: str) -> list[str]:
-    """``names`` if all are columns of ``frame``, else ReportError with the closest column."""
-    names = list(names)
+def check_columns(frame: pd.DataFrame, names: Iterable[str], option: str, extra: Iterable[str] = ()) -> list[str]:
+    """``names`` if all are columns of ``frame`` (or in ``extra``), else ReportError with the closest column."""
+    names, known = list(names), set(frame.columns) | set(extra)
     for name in names:
-        if name not in frame.columns:
-            raise ReportError(f"{option}: unknown column '{name}'{did_you_mean(name, frame.columns)}")
+        if name not in known:
+            raise ReportError(f"{option}: unknown column '{name}'{did_you_mean(name, known)}")
     return names
+
+
+def check_view_columns(frame: pd.DataFrame, names: Iterable[str]) -> list[str]:
+    """``names`` for ``--columns``: summary columns or views of several (``delta_ci``)."""
+    return check_columns(frame, names, "--columns", _COMPOSITES)
 
 
 def apply_filter(frame: pd.DataFrame, expression: str) -> pd.DataFrame:
@@ -329,58 +342,47 @@ def _top1(row) -> str:
         f" ± {row['top1_std']:.2f}" if row["n"] > 1 else "")
 
 
-def _noise(row) -> str:
-    """The verdict, then Holm's p, the test, the interval and (few seeds) the detectable difference."""
-    if pd.isna(row["p_holm"]):
-        return row["beyond_noise"]
-    details = f"p={row['p_holm']:.2g} " + {"welch": "Welch"}.get(row["test"], row["test"])
-    if not pd.isna(row["delta_ci_low"]):
-        details += f"; CI [{row['delta_ci_low']:+.2f}, {row['delta_ci_high']:+.2f}]"
-    if not pd.isna(row["min_detectable"]):
-        details += f"; MDE {row['min_detectable']:.2f}"
-    return f"{row['beyond_noise']} ({details})"
+def _ci(row) -> str:
+    if pd.isna(row["delta_ci_low"]):
+        return "-"
+    return f"[{row['delta_ci_low']:+.2f}, {row['delta_ci_high']:+.2f}]"
 
 
-def _noise_legend(frame: pd.DataFrame) -> str:
-    """How "beyond noise" was decided, naming only the tests and numbers the rows show."""
-    tests = set(frame["test"].dropna())
-    used = [text for test, text in (("paired", "paired t-test on the seeds both ran (same seed, same split and "
-                                              "order)"), ("welch", "Welch's t-test where the seeds differ"))
-            if test in tests]
-    text = (f"beyond noise: p < {stats.ALPHA:g} after Holm's correction over the study's comparisons with the "
-            f"baseline" + "".join(f"; {text}" for text in used) + ".")
-    if frame["delta_ci_low"].notna().any():
-        text += (f" CI: {stats.CONFIDENCE:.0%} bootstrap interval (BCa, over seeds) of the difference; too narrow "
-                 f"with few seeds.")
-    if frame["min_detectable"].notna().any():
-        text += (f" MDE (under {stats.FEW_SEEDS} seeds): the smallest difference the test detects at "
-                 f"alpha {stats.ALPHA:g} with power {stats.POWER:g}, from the observed spread (noncentral t).")
-    return text
-
-
-#: column -> (header, cell formatter); other columns print as they are.
+#: column -> (header, cell formatter); other columns print as they are. A header's line breaks
+#: are kept in the terminal table (narrow columns) and become spaces in Markdown and HTML.
 _VIEWS: dict[str, tuple[str, Callable]] = {
     "config": ("configuration", lambda r: str(r["config"])),
     "n": ("n", lambda r: str(r["n"])),
     "top1": ("top-1 %", _top1),
-    "top1_train_form": ("pre-castle %", lambda r: _fmt(r["top1_train_form"])),
-    "switch_cost": ("switch cost", lambda r: _fmt(r["switch_cost"], "+.2f")),
-    "delta_top1": ("Δ vs base", lambda r: _fmt(r["delta_top1"], "+.2f")),
-    "beyond_noise": ("beyond noise", _noise),
+    "top1_train_form": ("pre-castle\n%", lambda r: _fmt(r["top1_train_form"])),
+    "switch_cost": ("switch\ncost", lambda r: _fmt(r["switch_cost"], "+.2f")),
+    "delta_top1": ("Δ vs\nbase", lambda r: _fmt(r["delta_top1"], "+.2f")),
+    "beyond_noise": ("beyond\nnoise", lambda r: str(r["beyond_noise"])),
+    "delta_ci": (f"{stats.CONFIDENCE:.0%} CI\nof Δ", _ci),
+    "p_holm": ("p\n(Holm)", lambda r: _fmt(r["p_holm"], ".2g")),
+    "prob_improvement": ("P(better)", lambda r: _fmt(r["prob_improvement"], ".2f")),
+    "test": ("test", lambda r: {"welch": "Welch"}.get(r["test"], _fmt(r["test"]))),
+    "min_detectable": ("MDE", lambda r: _fmt(r["min_detectable"], ".2f")),
     "macs": ("MACs", lambda r: _fmt_count(r["macs"])),
-    "attention_macs": ("attention MACs", lambda r: _fmt_count(r["attention_macs"])),
-    "macs_reduction_pct": ("MACs saved %", lambda r: _fmt(r["macs_reduction_pct"], ".1f")),
+    "attention_macs": ("attention\nMACs", lambda r: _fmt_count(r["attention_macs"])),
+    "macs_reduction_pct": ("MACs\nsaved %", lambda r: _fmt(r["macs_reduction_pct"], ".1f")),
     "params": ("params", lambda r: _fmt_count(r["params"])),
-    "latency_median_ms": ("latency ms", lambda r: _fmt(r["latency_median_ms"], ".3g")),
-    "forward_memory_mb": ("mem MiB", lambda r: _fmt(r["forward_memory_mb"], ".1f")),
+    "latency_median_ms": ("latency\nms", lambda r: _fmt(r["latency_median_ms"], ".3g")),
+    "forward_memory_mb": ("mem\nMiB", lambda r: _fmt(r["forward_memory_mb"], ".1f")),
     "pareto": ("Pareto", lambda r: r["pareto"] or ""),
 }
-schema.names(*(set(_VIEWS) - set(_DERIVED)))
+#: Views of several summary columns: the name --columns takes -> the columns csv/json export.
+_COMPOSITES = {"delta_ci": ("delta_ci_low", "delta_ci_high")}
+schema.names(*(set(_VIEWS) - set(_DERIVED) - set(_COMPOSITES)))
 
 
 def _cells(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     views = [_VIEWS.get(c, (c, lambda r, c=c: _fmt(r[c], "g"))) for c in columns]
     return [h for h, _ in views], [[fmt(row) for _, fmt in views] for _, row in frame.iterrows()]
+
+
+def _one_line(header: str) -> str:
+    return header.replace("\n", " ")
 
 
 def _title(frame: pd.DataFrame, study: str) -> str:
@@ -390,21 +392,42 @@ def _title(frame: pd.DataFrame, study: str) -> str:
 
 
 def _legend(frame: pd.DataFrame, columns: Sequence[str]) -> str:
-    """What the shown columns mean, in one paragraph."""
+    """What the shown columns mean, in one paragraph; statistics only where the rows have them."""
     baseline = next(iter(frame["baseline"].dropna()), "")
     checkpoint = next(iter(frame["checkpoint"].dropna()), None)
+    has = lambda column: frame[column].notna().any()  # noqa: E731
     notes = {
         "top1": "top-1: test %, inference form (after castling)" + (f", {checkpoint} checkpoint" if checkpoint else "")
                 + "; mean ± sample std over n complete seeds (failed and pruned seeds not averaged in).",
         "top1_train_form": "pre-castle: the training form's top-1.",
         "switch_cost": "switch cost: pre-castle minus top-1, points.",
         "delta_top1": f"Δ vs base: top-1 minus baseline '{baseline}'." if baseline else "No baseline in this study.",
-        "beyond_noise": _noise_legend(frame) if baseline else "",
         "macs": "MACs: per image, inference form.",
         "macs_reduction_pct": "MACs saved: against the baseline.",
         "forward_memory_mb": "mem: peak memory rise of one inference forward (measure batch).",
         "pareto": "Pareto (MACs / lat = latency): no other configuration has >= top-1 and <= cost, one strict.",
     }
+    if baseline:
+        notes |= {
+            "beyond_noise": f"beyond noise: p (Holm) < {stats.ALPHA:g}.",
+            "p_holm": "p (Holm): the test's two-sided p after Holm's correction over the study's comparisons "
+                      "with the baseline.",
+            "delta_ci": f"{stats.CONFIDENCE:.0%} CI of Δ: bootstrap interval (BCa, over seeds); too narrow with few "
+                        f"seeds." if has("delta_ci_low") else "",
+            "prob_improvement": "P(better): share of seed pairs where the configuration beats the baseline "
+                                "(ties half)." if has("prob_improvement") else "",
+            "min_detectable": f"MDE (under {stats.FEW_SEEDS} seeds): the smallest difference the test detects at "
+                              f"alpha {stats.ALPHA:g} with power {stats.POWER:g}, from the observed spread "
+                              f"(noncentral t)." if has("min_detectable") else "",
+        }
+        tests = set(frame["test"].dropna())
+        used = [text for test, text in (("paired", "paired t-test on the seeds both ran (same seed, same split "
+                                                  "and order)"), ("welch", "Welch's t-test where the seeds differ"))
+                if test in tests]
+        # which tests ran is said once, after the first shown column that depends on it
+        first = next((c for c in columns if c in ("beyond_noise", "p_holm", "test")), None)
+        if first and used:
+            notes[first] = (notes.get(first, "") + " Tests: " + "; ".join(used) + ".").strip()
     return " ".join(notes[c] for c in columns if notes.get(c))
 
 
@@ -415,23 +438,34 @@ def _studies(frame: pd.DataFrame):
         yield study, frame[frame["study"] == study]
 
 
-def rich_tables(frame: pd.DataFrame, columns: Sequence[str] = DEFAULT_COLUMNS) -> list:
-    """One Rich table per study, ``columns`` formatted for reading."""
-    from rich.markup import escape
-    from rich.table import Table
+def _omitted_note(omitted: list[str], width: int) -> str:
+    return (f"Left out to fit {width} columns: {', '.join(omitted)}. Show them with --columns (e.g. --columns "
+            f"config,top1,{omitted[0]}), all with --wide, or every stored value with --format csv or json.")
 
+
+def rich_tables(frame: pd.DataFrame, columns: Sequence[str] = DEFAULT_COLUMNS, wide: bool = False,
+                priority: Optional[Sequence[str]] = None) -> list:
+    """One Rich renderable per study: a table of the ``columns`` that fit the console, its legend
+    and a line naming the columns left out.
+
+    Args:
+        columns: in display order.
+        wide: show every column, whatever the width (Rich then wraps cells).
+        priority: which columns to keep first (default: :data:`TABLE_PRIORITY` for the default
+            columns, else ``columns`` as given).
+    """
+    from attnbench.fitted_table import FittedColumn, FittedTable
+
+    if priority is None:
+        priority = TABLE_PRIORITY if tuple(columns) == DEFAULT_COLUMNS else columns
     tables = []
     for study, rows in _studies(frame):
         headers, body = _cells(rows, columns)
-        # Labels, options and studies are the user's text: escaped, so Rich shows them as written.
-        table = Table(title=escape(_title(rows, study)), caption=escape(_legend(rows, columns)),
-                      caption_justify="left")
-        for header in headers:
-            table.add_column(escape(header), justify="left" if header == "configuration" else "right",
-                             overflow="fold")
-        for cells in body:
-            table.add_row(*(escape(cell) for cell in cells))
-        tables.append(table)
+        # Labels, options and studies are the user's text: FittedTable shows them as plain Text.
+        fitted = [FittedColumn(name, header, [cells[i] for cells in body], "left" if name == "config" else "right")
+                  for i, (name, header) in enumerate(zip(columns, headers))]
+        tables.append(FittedTable(fitted, title=_title(rows, study), priority=priority, wide=wide,
+                                  legend=lambda shown, rows=rows: _legend(rows, shown), omitted_note=_omitted_note))
     return tables
 
 
@@ -440,17 +474,22 @@ def _markdown(frame: pd.DataFrame, columns: Sequence[str]) -> str:
     for study, rows in _studies(frame):
         headers, body = _cells(rows, columns)
         line = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"  # noqa: E731
-        parts += [f"**{_title(rows, study)}**", "", line(headers),
-                  "|" + "|".join("---" if h == "configuration" else "---:" for h in headers) + "|",
+        parts += [f"**{_title(rows, study)}**", "", line(map(_one_line, headers)),
+                  "|" + "|".join("---" if c == "config" else "---:" for c in columns) + "|",
                   *(line(cells) for cells in body), "", _legend(rows, columns), ""]
     return "\n".join(parts)
+
+
+def _stored(columns: Sequence[str]) -> list[str]:
+    """``columns`` with each view of several columns replaced by those columns."""
+    return [name for column in columns for name in _COMPOSITES.get(column, (column,))]
 
 
 def export(frame: pd.DataFrame, fmt: str, columns: Optional[Sequence[str]] = None) -> str:
     """``frame`` as ``csv`` or ``json`` (raw values; all columns by default) or ``markdown`` (formatted)."""
     if fmt == "markdown":
         return _markdown(frame, columns or DEFAULT_COLUMNS)
-    data = frame[list(columns)] if columns else frame
+    data = frame[_stored(columns)] if columns else frame
     if fmt == "csv":
         return data.to_csv(index=False)
     if fmt == "json":
@@ -468,7 +507,7 @@ def html_page(frame: pd.DataFrame, columns: Sequence[str], images: Sequence[Path
     for study, rows in _studies(frame):
         headers, body = _cells(rows, columns)
         out.write(f"<h2>{html.escape(_title(rows, study))}</h2><table><tr>"
-                  + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>")
+                  + "".join(f"<th>{html.escape(_one_line(h))}</th>" for h in headers) + "</tr>")
         for cells in body:
             out.write("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
         out.write(f"</table><p>{html.escape(_legend(rows, columns))}</p>")
