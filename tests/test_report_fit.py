@@ -16,6 +16,7 @@ from rich.console import Console
 
 from attnbench import bench, cli
 from attnbench.cli import main
+from attnbench.cli import sweep as cli_sweep
 from attnbench.results import plots, report, store
 
 # label -> (variant, top-1 per seed, MACs, latency ms). castling, +dwconv and +aux-fixed lie within
@@ -168,7 +169,7 @@ def test_sweep_plan_fits_80_columns(monkeypatch):
                                        objectives=[types.SimpleNamespace(direction="maximize", metric="top1")],
                                        dataset="digits")
     console = Console(width=80, record=True, file=io.StringIO())
-    monkeypatch.setattr(cli, "console", console)
+    monkeypatch.setattr(cli_sweep, "console", console)   # the console _print_plan prints to
     cli._print_plan(types.SimpleNamespace(experiment=experiment, device="cpu"))
     lines = console.export_text().splitlines()
     assert max(len(line) for line in lines) <= 80

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from attnbench import AttentionVariant, cli, registry
+from attnbench.cli import variants as cli_variants
 from attnbench.variant import option_specs
 from test_registry import BUILTINS
 
@@ -30,12 +31,12 @@ def cells(text: str) -> list[str]:
 
 def invoke(*args: str, width: int = 120):
     """Run the command with its console rendering at ``width`` columns."""
-    saved = cli.console
-    cli.console = Console(width=width, color_system=None)   # file=None: CliRunner's stdout at print time
+    saved = cli_variants.console
+    cli_variants.console = Console(width=width, color_system=None)   # file=None: CliRunner's stdout at print time
     try:
         return CliRunner().invoke(cli.main, list(args))
     finally:
-        cli.console = saved
+        cli_variants.console = saved
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,62 @@
+"""What every command shares: the consoles, ``fail()`` (one line on stderr, exit 2), the warnings
+printer, and ``KEY=VALUE`` parsing.
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+from attnbench import registry
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    """Print ``error: message`` on stderr and exit 2 (the message is shown as written, never as markup)."""
+    err_console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def parse_key_values(items, what: str) -> dict:
+    """``["threshold=0.5", "residual=none"]`` -> ``{"threshold": 0.5, "residual": "none"}``.
+
+    Values are read as YAML scalars (``0.5``, ``1e-6``, ``true``, ``head``); ``what`` names the
+    option in the error: one line, exit 2.
+    """
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"{what} '{item}': expected KEY=VALUE")
+        parsed[key.strip()] = _scalar(value.strip())
+    return parsed
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _scalar(text: str):
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _NUMBER.fullmatch(value):   # YAML 1.1 reads 1e-6 as a string
+        return float(value)
+    return value
+
+
+def _variant_or_fail(name: str):
+    try:
+        return registry.variant_info(name)
+    except registry.VariantError as err:
+        fail(str(err))

@@ -1,0 +1,225 @@
+"""``attnbench sweep``: run or resume an Optuna study, with ``--workers`` local processes, a Rich
+progress display, and ``--dry-run``'s plan table.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.markup import escape
+
+from attnbench import registry
+from attnbench.cli._common import console, err_console, fail
+
+
+@click.command("sweep")
+@click.argument("experiment_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--storage", default=None, help="Optuna storage URL (default: sqlite file under the results folder).")
+@click.option("--results", "results_dir", default="results", show_default=True, type=click.Path(path_type=Path),
+              help="Results folder; rows go to RESULTS/<study>/trials/.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--dry-run", is_flag=True,
+              help="Check the experiment and print the resolved plan (trials, MACs per configuration); train nothing.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Local worker processes sharing the study.")
+@click.option("--worker-index", default=None, type=click.IntRange(min=0),
+              help="Fix this worker's slot: its sampler seed is seed x 1000 + INDEX (grid: one seed for all) "
+                   "[default: the study's next free slot].")
+@click.option("--retry-failed", is_flag=True,
+              help="Run the study's failed trials again (those that failed under an earlier version of the "
+                   "file always are).")
+def sweep_command(experiment_file: Path, storage, results_dir: Path, device: str, dry_run: bool, workers: int,
+                  worker_index: int, retry_failed: bool) -> None:
+    """Run (or resume) the Optuna study described by EXPERIMENT_FILE.
+
+    Exit status: 0 every trial finished, 1 some failed (named with their reasons), 2 the experiment
+    was refused (nothing written), 130 interrupted (run the same command again to resume).
+    """
+    from attnbench.experiment import ExperimentError, load_experiment
+    from attnbench.experiment_check import ExperimentRefused, check_experiment
+
+    try:
+        experiment = load_experiment(experiment_file)
+        if dry_run or workers > 1:
+            checked = check_experiment(experiment, device=device, results_dir=results_dir)
+    except ExperimentError as err:
+        fail(str(err) + _missing_plugin_hint(str(err), experiment_file, results_dir))
+    except ExperimentRefused as err:
+        _refuse(err)
+    if dry_run:
+        _print_plan(checked)
+    elif workers > 1:
+        _run_workers(experiment_file, experiment, storage, results_dir, device, workers, worker_index,
+                     retry_failed)
+    else:
+        _run_sweep(experiment, storage, results_dir, device, worker_index, retry_failed)
+
+
+def _missing_plugin_hint(message: str, experiment_file: Path, results_dir: Path) -> str:
+    """For an unknown variant in a study that has rows already: the distribution those rows ran it
+    from (a plugin that was uninstalled since), else ""."""
+    import re
+
+    import yaml
+
+    from attnbench.results import store
+
+    unknown = re.search(r"unknown variant '([^']+)'", message)
+    if unknown is None:
+        return ""
+    try:
+        raw = yaml.safe_load(experiment_file.read_text())
+        name = raw.get("name") if isinstance(raw, dict) else None
+        rows = store.read_rows(results_dir / str(name or experiment_file.stem), kind="trial")
+    except Exception:  # noqa: BLE001 - a hint only: the error itself is already complete
+        return ""
+    return registry.missing_variant_hint(unknown.group(1), rows)
+
+
+def _refuse(refused) -> "NoReturn":  # noqa: F821
+    """Every problem of a refused experiment, one line each; exit 2."""
+    for problem in refused.problems:
+        err_console.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index: int, retry_failed: bool) -> None:
+    from attnbench import sweep
+    from attnbench.experiment_check import ExperimentRefused
+
+    display = RichSweepDisplay(experiment)
+    try:
+        with display:
+            summary = sweep.run_sweep(experiment, results_dir=results_dir, storage=storage, device=device,
+                                      worker_index=worker_index, display=display, retry_failed=retry_failed)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted:[/] finished trials are stored; run the same command again "
+                          "to resume.")
+        sys.exit(130)
+    except ExperimentRefused as err:
+        _refuse(err)
+    except sweep.StorageError as err:
+        fail(str(err))
+    pruned = f", {summary.pruned} pruned" if summary.pruned else ""
+    console.print(f"study [bold]{escape(summary.study)}[/]: {summary.done} trials finished "
+                  f"({summary.failed} failed{pruned}), {summary.ran_here} run now; rows in "
+                  f"{escape(str(summary.results))}/trials; storage {escape(summary.storage)}", highlight=False)
+    if summary.failures:
+        for failure in summary.failures:
+            err_console.print(f"[red]failed:[/] trial {failure.key} ({escape(failure.label)}): "
+                              f"{escape(failure.reason)}", highlight=False, soft_wrap=True)
+        err_console.print("fix the cause and run the same command again (with --retry-failed if the experiment "
+                          "file is unchanged)", highlight=False)
+        sys.exit(1)
+    console.print(f"next: [bold]attnbench report --results {escape(str(results_dir))}[/]", highlight=False)
+
+
+def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, device: str, workers: int,
+                 first_index, retry_failed: bool) -> None:
+    """Start ``workers`` local processes on one study; each pulls trials from the shared storage.
+    Exits with the most telling of their statuses: 130 if interrupted, else 2, 1, 0."""
+    import subprocess
+
+    from attnbench import sweep
+
+    url = sweep.storage_url(experiment, results_dir, storage)
+    try:
+        study = sweep.open_study(experiment, url, experiment.sampler_seed)   # once, before the workers race
+        if retry_failed:   # here, once: each worker queuing them again would run them several times
+            with sweep.study_lock(url, experiment.name):
+                sweep.requeue_failures(study, experiment, everything=True)
+    except sweep.StorageError as err:
+        fail(str(err))
+    command = [sys.executable, "-m", "attnbench.cli", "sweep", str(experiment_file), "--storage", url,
+               "--results", str(results_dir), "--device", device]
+    # Without --worker-index each worker takes the study's next free slot for its sampler seed, so
+    # workers started with --workers on several machines never share a seed.
+    indices = [[] if first_index is None else ["--worker-index", str(first_index + i)] for i in range(workers)]
+    procs = [subprocess.Popen(command + extra) for extra in indices]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.wait()
+        sys.exit(130)
+    for code in (130, 2, 1):
+        if code in codes:
+            err_console.print(f"{codes.count(code)} of {workers} workers exited with status {code} "
+                              f"(statuses {codes})", highlight=False)
+            sys.exit(code)
+    if any(codes):
+        fail(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error (statuses {codes})")
+
+
+def _print_plan(checked) -> None:
+    from attnbench import sweep
+    from attnbench.fitted_table import FittedColumn, FittedTable
+
+    experiment = checked.experiment
+    arch, rows = sweep.plan(checked)
+    columns = [("configuration", [config.label for config, _ in rows]),
+               ("variant", [config.variant for config, _ in rows]),
+               # one option a line: a long set of options stays readable and no value is split
+               ("options", ["\n".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                                      for k, v in sorted(config.options.items())) or "-"
+                            for config, _ in rows]),
+               ("tokens", [str(costs["num_tokens"]) for _, costs in rows]),
+               ("MACs\n(inference)", [f"{costs['macs']:,}" for _, costs in rows]),
+               ("attention\nMACs", [f"{costs['attention_macs']:,}" for _, costs in rows]),
+               ("params", [f"{costs['params']:,}" for _, costs in rows])]
+    console.print(FittedTable(
+        [FittedColumn(header.replace("\n", " "), header, cells, "left" if header in ("configuration", "variant",
+                                                                                      "options") else "right")
+         for header, cells in columns],
+        title=f"plan of study '{experiment.name}' ({experiment.source})",
+        priority=("configuration", "variant", "options", "MACs (inference)", "params", "attention MACs", "tokens"),
+        omitted_note=lambda omitted, width: f"Left out to fit {width} columns: {', '.join(omitted)} (a wider "
+                                            f"terminal shows them)."))
+    n_trials = experiment.n_trials()
+    continuous = "" if experiment.plan() else \
+        f" (continuous search space: configurations sampled by {experiment.sampler})"
+    pruning = f"; pruning on (never the baseline '{experiment.baseline}')" if experiment.pruning and \
+        experiment.baseline else "; pruning on" if experiment.pruning else ""
+    console.print(f"{n_trials if n_trials is not None else 'time-limited'} trials x {len(experiment.seeds)} seeds "
+                  f"{list(experiment.seeds)}; sampler {experiment.sampler}; objectives "
+                  f"{', '.join(f'{o.direction} {o.metric}' for o in experiment.objectives)}; model {arch} "
+                  f"on {experiment.dataset}, device {checked.device}{escape(continuous)}{escape(pruning)}",
+                  highlight=False)
+
+
+class RichSweepDisplay:
+    """Trials done, running and failed, and the best so far, as a Rich live progress bar."""
+
+    def __init__(self, experiment):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.experiment = experiment
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err_console)
+        self.task = self.progress.add_task(f"sweep {escape(experiment.name)}", total=None, status="")
+
+    def __enter__(self):
+        return self   # the bar starts with the first update: a refused experiment prints only its errors
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def update(self, study, state, target) -> None:
+        self.progress.start()
+        best = self._best(study)
+        status = f"running {state.running}  failed {state.failed}" + (f"  best {best}" if best else "")
+        self.progress.update(self.task, completed=state.done, total=target, status=escape(status))
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(f"[red]{escape(message)}[/]", highlight=False)
+
+    def _best(self, study) -> str:
+        try:
+            if len(self.experiment.objectives) > 1:
+                return f"{len(study.best_trials)} on the Pareto front"
+            trial = study.best_trial
+        except ValueError:  # no complete trial yet
+            return ""
+        return f"{self.experiment.objectives[0].metric}={trial.value:.4g} ({trial.user_attrs.get('label', '')})"

@@ -1,0 +1,148 @@
+"""``attnbench train``: train each RUN on the same data, model and budget; its options beyond its
+own are TrainConfig's fields (added lazily, see ``_TrainCommand``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from attnbench.cli._common import _variant_or_fail, console, err_console, fail, parse_key_values
+from attnbench.cli.dataclass_options import _dataclass_options
+
+
+class _TrainCommand(click.Command):
+    """Adds TrainConfig's fields as options when first parsed or shown: importing the training
+    loop (timm) takes seconds that the other commands and ``attnbench --help`` should not wait for.
+    """
+
+    def get_params(self, ctx):
+        if not any(getattr(p, "name", None) == "epochs" for p in self.params):
+            from attnbench.train import TrainConfig
+
+            own = {p.name for p in self.params}
+            added = _dataclass_options(TrainConfig)
+            clash = own & {p.name for p in added}
+            if clash:   # a new TrainConfig field named like one of train's own options
+                raise RuntimeError(f"attnbench train: TrainConfig field(s) {sorted(clash)} clash with its options")
+            self.params.extend(added)
+        return super().get_params(ctx)
+
+
+def _given(values: dict) -> dict:
+    """The options the user set (command line or environment), not Click's defaults."""
+    ctx = click.get_current_context()
+    return {k: v for k, v in values.items()
+            if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+
+
+def _parse_run(spec: str) -> tuple[str, dict]:
+    """``castling:mask_schedule=gate_linear,schedule_end=0.5`` -> (``castling``, options); a qualified
+    ``dist:name`` keeps its colon (options follow the last colon before the first ``=``).
+    """
+    equals = spec.find("=")
+    if equals < 0:
+        return spec.strip(), {}
+    colon = spec.rfind(":", 0, equals)
+    if colon < 0:
+        fail(f"run '{spec}': expected VARIANT or VARIANT:KEY=VALUE,...")
+    return spec[:colon].strip(), parse_key_values(filter(None, spec[colon + 1:].split(",")), f"run '{spec}'")
+
+
+@click.command("train", cls=_TrainCommand)
+@click.argument("runs", nargs=-1, metavar="[RUN]...")
+@click.option("--dataset", default="digits", show_default=True, help="Data set name.")
+@click.option("--root", default=None, help="Local path, for data sets read from disk.")
+@click.option("--data-option", "data_items", multiple=True, metavar="KEY=VALUE",
+              help="A data set option, e.g. img_size=16 (repeatable).")
+@click.option("--arch", default=None, help="timm model name [default: a small ViT fitting the images].")
+@click.option("--model-option", "model_items", multiple=True, metavar="KEY=VALUE",
+              help="A timm model keyword, e.g. depth=1 (repeatable).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every result, with its history, to this JSON file.")
+def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, model_items: tuple, progress: bool,
+                  json_file, **config_values) -> None:
+    """Train each RUN with the same data, model and budget; report test top-1 before and after castling.
+
+    RUN is a variant name with optional options, VARIANT[:KEY=VALUE,...], e.g.
+    castling:mask_schedule=gate_linear,schedule_end=0.5 [default: softmax]. The other options are
+    TrainConfig's; --seed also seeds the data split and the model's initial weights.
+    """
+    from rich.text import Text
+
+    from attnbench import models
+    from attnbench.data import DataError, load_dataset
+    from attnbench.train import TrainConfig, default_arch, fit, resolve_device
+    from attnbench.variant import parse_options
+
+    specs = runs or ("softmax",)
+    parsed = [_parse_run(spec) for spec in specs]
+    for name, options in parsed:   # every run is checked before any trains
+        cls = _variant_or_fail(name).cls
+        try:
+            parse_options(cls, options)
+        except ValueError as err:
+            fail(str(err))
+    try:
+        config = TrainConfig(**_given(config_values))
+    except ValueError as err:
+        fail(str(err))
+    try:
+        resolve_device(config.device)
+    except RuntimeError as err:   # torch's message lists the device types it knows
+        fail(f"--device '{config.device}': {err}")
+    data_options = parse_key_values(data_items, "--data-option")
+    model_options = parse_key_values(model_items, "--model-option")
+    try:
+        splits = load_dataset(dataset, root=root, seed=config.seed, **data_options)
+    except DataError as err:
+        fail(str(err))
+    arch = arch or default_arch(splits)
+    console.print(f"data {splits.summary()}\nmodel {arch} {model_options}\nconfig {dataclasses.asdict(config)}",
+                  highlight=False, markup=False)
+    # Compact enough for 80 columns; every field of every result (validation too) is in --json.
+    table = Table(title=f"{dataset} / {arch} / seed {config.seed} / checkpoint {config.checkpoint}",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    labels = ["\n".join([name] + [f"{k}={v}" for k, v in options.items()]) for name, options in parsed]
+    table.add_column("run", overflow="fold", min_width=max(len(line) for text in labels for line in text.split("\n")))
+    for column in ("test\ntop-1", "castled\ntop-1", "switch\ncost", "flips", "best\nepoch", "mask\ndensity",
+                   "train\ns"):
+        table.add_column(column, justify="right", no_wrap=True)
+    results = []
+    for spec, label, (name, options) in zip(specs, labels, parsed):
+        try:
+            model = models.create_model(arch, name, options, seed=config.seed, num_classes=splits.num_classes,
+                                        in_chans=splits.in_chans, img_size=splits.img_size, **model_options)
+        except models.ModelError as err:
+            fail(str(err))
+        except TypeError as err:   # timm's constructor refused a keyword
+            fail(f"--model-option: {err}")
+        res = fit(model, splits, config, progress=progress, label=name)
+        results.append({"run": spec, "variant": name, "options": options, "arch": arch, "data": splits.summary(),
+                        **dataclasses.asdict(res)})
+        if not res.ok:
+            table.add_row(Text(label), Text("failed", "red"), *[""] * 6)
+            console.print(f"{spec}: failed: {res.error}", highlight=False, markup=False)
+            continue
+        table.add_row(Text(label), f"{res.test_top1:.2f}", f"{res.test_top1_castled:.2f}", f"{res.switch_cost:+.2f}",
+                      f"{res.switch_flips:.3f}", str(res.best_epoch),
+                      f"{res.mask_density:.3f}", f"{res.train_time_s:.1f}")
+        console.print(f"{spec}: test top-1 {res.test_top1:.2f} -> castled {res.test_top1_castled:.2f} "
+                      f"(switch cost {res.switch_cost:+.2f} points), {res.train_time_s:.1f} s",
+                      highlight=False, markup=False)
+    console.print(table)
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(results, indent=1, default=str))
+    failed = [r["run"] for r in results if r["status"] != "ok"]
+    if failed:   # a diverged run is a result, not bad input: exit 1
+        err_console.print(f"[bold red]failed:[/] {escape(', '.join(failed))}", highlight=False)
+        sys.exit(1)
