@@ -55,3 +55,15 @@ def test_nothing_points_outside_the_repository():
             if "../shared" in text or "castling-spec.md" in text or "DESIGN.md" in text:
                 outside.append(name)
     assert not outside, f"these files cite documents users do not have: {outside}"
+
+
+def test_every_package_is_listed_for_the_wheel():
+    # pyproject lists packages by hand (variants/ installs as attnbench_variants): a package missing
+    # there is missing from every non-editable install.
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("attnbench_variants",) + p.parent.relative_to(ROOT / "variants").parts)
+             for p in (ROOT / "variants").rglob("__init__.py")}
+    found |= {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "attnbench").rglob("__init__.py")}
+    assert listed == found
