@@ -270,3 +270,22 @@ def test_cli_benchmark_rows_only(tmp_path):
     result = _invoke("--results", str(tmp_path))
     assert result.exit_code == 0 and "no trial rows" in result.output
     assert (tmp_path / "plots" / "scaling.png").stat().st_size > 0
+
+
+def test_a_baseline_without_a_complete_seed_is_warned_about(tmp_path):
+    root = tmp_path / "results"
+    rows = [_trial("pruned-base", "softmax", 0, None, None, 1e9, 10.0, status="pruned"),
+            _trial("pruned-base", "softmax", 1, 0.0, 0.0, 1e9, 10.0, status="failed", error="diverged"),
+            _trial("pruned-base", "linear", 0, 60.0, 60.0, 5e8, 4.0),
+            _trial("pruned-base", "linear", 1, 61.0, 61.0, 5e8, 4.0)]
+    for i, row in enumerate(rows):
+        store.write_rows(root, [row], f"pruned-base/trials/trial-{i:05d}")
+    summary = report.summarize(store.read_rows(root, kind="trial"))
+    assert report.baseline_warnings(summary) == [
+        "study 'pruned-base': the baseline 'softmax' has no complete seed (1 failed, 1 pruned), so no "
+        "configuration is compared with it"]
+    result = CliRunner().invoke(main, ["report", "--results", str(root), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert "warning: study 'pruned-base': the baseline 'softmax' has no complete seed" in " ".join(result.output.split())
+    # a baseline with complete seeds draws no warning
+    assert report.baseline_warnings(report.summarize(pd.DataFrame(_rows()))) == []

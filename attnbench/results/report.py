@@ -30,9 +30,9 @@ import pandas as pd
 from attnbench.results import schema, stats, store
 from attnbench.variant import did_you_mean
 
-__all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "TABLE_PRIORITY", "FORMATS", "Results", "load_results", "load_store",
-           "prepare_trials", "summarize", "pareto_front", "select", "apply_filter", "check_columns", "check_view_columns", "rich_tables",
-           "export", "html_page"]
+__all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "TABLE_PRIORITY", "FORMATS", "Results", "load_results",
+           "load_store", "prepare_trials", "summarize", "baseline_warnings", "pareto_front", "select", "apply_filter",
+           "check_columns", "check_view_columns", "rich_tables", "export", "html_page"]
 
 BASELINE = "softmax"   #: default baseline label (used when a study has it)
 KEYS = list(schema.names("study", "label", "options"))
@@ -235,6 +235,20 @@ def _compare(summary: pd.DataFrame, seeds: list[dict], baseline: Optional[str]) 
             out.at[i, "macs_reduction_pct"] = 100.0 * (1 - out.at[i, "macs"] / out.at[base, "macs"])
         rows = out.index[out["study"] == study]
         out.loc[rows, list(stats.COLUMNS)] = stats.compare_to_baseline({i: seeds[i] for i in rows}, base)
+    return out
+
+
+def baseline_warnings(summary: pd.DataFrame) -> list[str]:
+    """One line per study whose baseline has no complete seed (all pruned or failed): its
+    comparisons are then empty, and the reader must be told why rather than see dashes."""
+    out = []
+    for study, rows in summary.groupby("study", sort=False):
+        named = rows["baseline"].dropna()
+        base = rows[rows["config"] == named.iloc[0]] if not named.empty else rows.iloc[:0]
+        if not base.empty and int(base["n"].iloc[0]) == 0:
+            out.append(f"study '{study}': the baseline '{named.iloc[0]}' has no complete seed "
+                       f"({int(base['failed'].iloc[0])} failed, {int(base['pruned'].iloc[0])} pruned), so no "
+                       f"configuration is compared with it")
     return out
 
 
