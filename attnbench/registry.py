@@ -167,7 +167,7 @@ def recorded_distributions(rows, variant: Optional[str] = None) -> list[str]:
         return []
     if variant is not None and "variant" in rows.columns:
         bare = variant.rpartition(":")[2]
-        rows = rows[rows["variant"].astype(str).str.rpartition(":")[2] == bare]
+        rows = rows[rows["variant"].map(lambda v: str(v).rpartition(":")[2]) == bare]
     return sorted({str(d) for d in rows[column].dropna() if str(d)})
 
 
