@@ -119,7 +119,7 @@ def test_the_guides_study_snippet_runs_as_a_script(tmp_path):
 
     rows = store.read_rows(tmp_path / "results" / "try-mean", kind="trial")
     assert sorted(rows["variant"]) == ["mean-attn", "softmax"] and set(rows["status"]) == {"complete"}
-    assert rows["peak_memory_mb"].notna().all()     # the spawned memory child knew 'mean-attn' too
+    assert rows["forward_memory_mb"].notna().all()     # the spawned memory child knew 'mean-attn' too
 
 
 def test_the_guides_relative_links_exist():

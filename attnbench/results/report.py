@@ -120,7 +120,7 @@ def summarize(trials: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFr
     Returns:
         Columns ``study, label, config, variant, options, n, failed, pruned, top1, top1_std,
         top1_train_form, switch_cost, baseline, delta_top1, macs, macs_reduction_pct, params,
-        latency_median_ms, peak_memory_mb, pareto_macs, pareto_latency, pareto``, the comparison
+        latency_median_ms, forward_memory_mb, pareto_macs, pareto_latency, pareto``, the comparison
         with the baseline (:data:`attnbench.results.stats.COLUMNS`: ``test, n_pairs,
         delta_tested, p_raw, p_welch, p_holm, delta_ci_low, delta_ci_high, prob_improvement,
         min_detectable, beyond_noise, comparison_note``; Holm's family is the study) and more
