@@ -14,6 +14,8 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 REPO_DIRS = ("attnbench", "variants", "experiments", "docs", "examples", "benchmarks", "scripts", "tests", ".ci")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 CODE_PATH = re.compile(r"`((?:%s)/[A-Za-z0-9_./-]*[A-Za-z0-9_/-])`" % "|".join(re.escape(d) for d in REPO_DIRS))
+# Documents beside the repository that its users never have (the sibling folder and its files).
+OUTSIDE = re.compile(r"\.\./shared|castling-spec\.md|DESIGN\.md")
 # Generated at run time, not shipped: rows and plots.
 GENERATED = ("results/",)
 
@@ -52,7 +54,7 @@ def test_nothing_points_outside_the_repository():
         path = ROOT / name
         if path.suffix in {".py", ".md", ".yaml", ".toml", ".sh", ".txt"} and path.is_file() and path != Path(__file__):
             text = path.read_text(errors="replace")
-            if "../shared" in text or "castling-spec.md" in text or "DESIGN.md" in text:
+            if OUTSIDE.search(text):
                 outside.append(name)
     assert not outside, f"these files cite documents users do not have: {outside}"
 
