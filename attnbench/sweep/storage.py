@@ -52,8 +52,13 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     if _is_journal(url):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
         return JournalStorage(JournalFileBackend(url))
-    engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
     heartbeat, grace = heartbeat_settings()
+    engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
+    if url.startswith(("postgresql", "postgres://")):
+        # A worker stopped mid-transaction (SIGSTOP, a frozen VM) keeps its row locks, and every
+        # other worker then waits on them forever. The server ends such a session after the
+        # grace period, as the other workers end its trial; healthy transactions last milliseconds.
+        engine["connect_args"] = {"options": f"-c idle_in_transaction_session_timeout={grace * 1000}"}
     return with_retries(lambda: optuna.storages.RDBStorage(
         url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=grace,
         heartbeat_stale_trial_callback=retry))
