@@ -73,3 +73,23 @@ def pg_url(pg_server):
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.close()
+
+
+# --- variants registered in-process for one test ---------------------------------------------------
+
+@pytest.fixture
+def registered():
+    """``registered(cls, name)`` registers a variant class in this process for one test and returns
+    its name; every class registered so is removed after the test."""
+    from attnbench import registry
+
+    names = []
+
+    def register(cls, name):
+        registry.register_variant(cls, name=name)
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        registry._local.pop(name, None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnbench import data, models, precision, registry, testing, train
+from attnbench import data, models, precision, testing, train
 from attnbench.experiment import ExperimentError, load_experiment
 from attnbench.sweep import run_sweep
 from attnbench.results import store
@@ -140,20 +140,6 @@ class _CoarseInHalf(AttentionVariant):
 
     def core_macs(self, num_tokens):
         return 2 * num_tokens * num_tokens * self.dim
-
-
-@pytest.fixture
-def registered():
-    names = []
-
-    def register(cls, name):
-        registry.register_variant(cls, name=name)
-        names.append(name)
-        return name
-
-    yield register
-    for name in names:
-        registry._local.pop(name, None)
 
 
 def test_half_precision_checks_catch_overflow_and_inaccuracy(registered):

@@ -74,10 +74,8 @@ class NaNAttention(registry.AttentionVariant):
 
 
 @pytest.fixture
-def nan_variant():
-    registry.register_variant(NaNAttention, name="nan-test-attn")
-    yield "nan-test-attn"
-    registry._local.pop("nan-test-attn", None)
+def nan_variant(registered):
+    return registered(NaNAttention, "nan-test-attn")
 
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, nan_variant):
@@ -210,10 +208,8 @@ class ZeroAttention(registry.AttentionVariant):
 
 
 @pytest.fixture
-def zero_variant():
-    registry.register_variant(ZeroAttention, name="zero-test-attn")
-    yield "zero-test-attn"
-    registry._local.pop("zero-test-attn", None)
+def zero_variant(registered):
+    return registered(ZeroAttention, "zero-test-attn")
 
 
 PRUNING = """

@@ -59,10 +59,8 @@ class _ToyAttention(AttentionVariant):
 
 
 @pytest.fixture
-def toy():
-    registry.register_variant(_ToyAttention, name="toy-cli-attn")
-    yield "toy-cli-attn"
-    registry._local.pop("toy-cli-attn")
+def toy(registered):
+    return registered(_ToyAttention, "toy-cli-attn")
 
 
 # ------------------------------------------------------------------------- variants NAME
