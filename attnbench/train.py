@@ -7,6 +7,8 @@ adds every layer's ``regularization()`` to the loss; per layer it logs ``diagnos
 (Castling: mask density and |S v| / |y before normalisation|). It validates after every
 epoch, keeps the best-validation weights in memory, and evaluates that checkpoint on the test
 split twice: in the training form and after ``castle()``. The difference is the switch cost.
+Where ``castle()`` changes nothing (:func:`attnbench.models.castle_changes`), the second pass
+is skipped and the castled figures are the training form's.
 
 A non-finite loss ends the run with ``status="failed"`` and the reason in ``error``; it is
 never silent (:meth:`TrainResult.raise_for_status` turns it into :class:`TrainingDiverged`).
@@ -34,7 +36,11 @@ from attnbench import models, precision as precisions
 from attnbench.data import DataSplits
 from attnbench.data.augment import Augmentation, BatchAugmenter
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device", "default_arch"]
+__all__ = ["CURVES", "TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device", "default_arch"]
+
+
+#: The per-epoch history values kept as learning curves (result columns ``curve_<name>``).
+CURVES = ("train_loss", "train_top1", "val_top1", "val_loss", "lr")
 
 
 class TrainingDiverged(RuntimeError):
@@ -176,6 +182,20 @@ class TrainResult:
         if not self.ok:
             raise TrainingDiverged(self.error or "training failed")
         return self
+
+    def curves(self) -> dict[str, list[float]]:
+        """The learning curves: for each of :data:`CURVES`, one value per epoch trained, epoch 0 first."""
+        return {name: [float(record[name]) for record in self.history] for name in CURVES}
+
+    @property
+    def still_improving(self) -> Optional[bool]:
+        """Whether the highest validation top-1 (ties: the lower validation loss, then the later
+        epoch, as the ``best_val`` checkpoint) came at the last epoch trained; None before any epoch."""
+        if not self.history:
+            return None
+        peak = max(range(len(self.history)),
+                   key=lambda i: (self.history[i]["val_top1"], -self.history[i]["val_loss"], i))
+        return peak == len(self.history) - 1
 
     def summary(self) -> dict[str, Any]:
         """The scalar fields (no history or logs), for a result row or a table."""

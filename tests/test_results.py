@@ -133,12 +133,14 @@ def test_version_1_column_without_a_place_is_refused_naming_file_and_column(tmp_
 
 
 def test_unknown_versions_are_refused_in_one_line_naming_file_and_version(tmp_path):
-    table = schema.ARROW_SCHEMA.empty_table().replace_schema_metadata({b"attnbench.schema_version": b"3"})
+    future = str(schema.SCHEMA_VERSION + 1)
+    table = schema.ARROW_SCHEMA.empty_table().replace_schema_metadata({b"attnbench.schema_version": future.encode()})
     pq.write_table(table, tmp_path / "future.parquet")
     with pytest.raises(store.StoreError) as err:
         store.read_rows(tmp_path, strict=True)
-    assert re.fullmatch(r".*future\.parquet: written with schema version 3; this attnbench reads versions 1, 2 .*",
-                        str(err.value)) and "\n" not in str(err.value)
+    readable = ", ".join(map(str, store.READABLE_VERSIONS))
+    assert re.fullmatch(rf".*future\.parquet: written with schema version {future}; this attnbench reads versions "
+                        rf"{readable} .*", str(err.value)) and "\n" not in str(err.value)
     with pytest.warns(store.StoreWarning, match="future.parquet"):
         assert store.read_rows(tmp_path).empty
 

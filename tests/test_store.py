@@ -67,8 +67,9 @@ def test_rewrite_replaces_the_file(tmp_path):
 @pytest.mark.parametrize("version", [0, store.SCHEMA_VERSION + 1])
 def test_other_schema_versions_are_refused(tmp_path, version):
     pd.DataFrame([{"kind": "trial", "schema_version": version, "top1": 1.0}]).to_parquet(tmp_path / "old.parquet")
+    readable = ", ".join(map(str, store.READABLE_VERSIONS))
     with pytest.raises(store.StoreError, match=f"old.parquet: written with schema version {version}; this "
-                                               f"attnbench reads versions 1, {store.SCHEMA_VERSION}"):
+                                               f"attnbench reads versions {readable}"):
         store.read_rows(tmp_path, strict=True)
 
 

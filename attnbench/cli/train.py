@@ -18,6 +18,9 @@ from attnbench.cli._common import _variant_or_fail, console, err_console, fail, 
 from attnbench.cli.dataclass_options import _dataclass_options
 
 
+IMPROVING_MARK = "↑"   # beside the best epoch: the run had not peaked
+
+
 class _TrainCommand(click.Command):
     """Adds TrainConfig's fields as options when first parsed or shown: importing the training
     loop (timm) takes seconds that the other commands and ``attnbench --help`` should not wait for.
@@ -127,17 +130,19 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
             fail(f"--model-option: {err}")
         res = fit(model, splits, config, progress=progress, label=name)
         results.append({"run": spec, "variant": name, "options": options, "arch": arch, "data": splits.summary(),
-                        **dataclasses.asdict(res)})
+                        **dataclasses.asdict(res), "curves": res.curves(), "still_improving": res.still_improving})
         if not res.ok:
             table.add_row(Text(label), Text("failed", "red"), *[""] * 6)
             console.print(f"{spec}: failed: {res.error}", highlight=False, markup=False)
             continue
         table.add_row(Text(label), f"{res.test_top1:.2f}", f"{res.test_top1_castled:.2f}", f"{res.switch_cost:+.2f}",
-                      f"{res.switch_flips:.3f}", str(res.best_epoch),
+                      f"{res.switch_flips:.3f}", f"{res.best_epoch}{IMPROVING_MARK if res.still_improving else ''}",
                       f"{res.mask_density:.3f}", f"{res.train_time_s:.1f}")
         console.print(f"{spec}: test top-1 {res.test_top1:.2f} -> castled {res.test_top1_castled:.2f} "
                       f"(switch cost {res.switch_cost:+.2f} points), {res.train_time_s:.1f} s",
                       highlight=False, markup=False)
+    if any(r.get("still_improving") for r in results):
+        table.caption = f"{IMPROVING_MARK} still improving: validation top-1 was highest at the last epoch"
     console.print(table)
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)

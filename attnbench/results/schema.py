@@ -10,7 +10,9 @@ Row kinds: ``trial`` (one row per (trial, seed) of a sweep) and ``benchmark`` (o
 (variant, token count) of ``attnbench bench``).
 
 Bump :data:`SCHEMA_VERSION` when a column is added, removed, renamed or changes meaning, and
-teach :func:`attnbench.results.store` to upgrade files of the previous version on read.
+teach :func:`attnbench.results.store` to upgrade files of the previous version on read. A column
+added later names its version (``since``): files of an earlier version lack it and are read with
+nulls in it.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from typing import Any, Optional
 import pyarrow as pa
 
 __all__ = ["SCHEMA_VERSION", "KINDS", "TRIAL", "BENCHMARK", "Column", "COLUMNS", "BY_NAME", "ARROW_SCHEMA",
-           "OBJECTIVES", "Objective", "names", "columns_of", "check_row", "markdown_table", "SchemaError"]
+           "OBJECTIVES", "Objective", "names", "columns_of", "columns_since", "check_row", "markdown_table",
+           "SchemaError"]
 
 #: Version of the row layout below; stored in every row and in each file's metadata.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TRIAL = "trial"
 BENCHMARK = "benchmark"
@@ -53,13 +56,15 @@ class Column:
     meaning: str                    # one line
     kinds: tuple[str, ...] = _BOTH  # the row kinds that fill it
     objective: Optional[Objective] = None
+    since: int = 2                  # the schema version that added it (files of version 2 on: see the store)
 
 
-def _c(name, type_, unit, meaning, kinds=_BOTH, objective=None) -> Column:
-    return Column(name, type_, unit, meaning, tuple(kinds), objective)
+def _c(name, type_, unit, meaning, kinds=_BOTH, objective=None, since=2) -> Column:
+    return Column(name, type_, unit, meaning, tuple(kinds), objective, since)
 
 
 _S, _I, _F, _B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
+_LF = pa.list_(pa.float64())   # one value per epoch
 _T = pa.timestamp("us", tz="UTC")
 _TR, _BE = (TRIAL,), (BENCHMARK,)
 _MAX, _MIN = "maximize", "minimize"
@@ -134,8 +139,19 @@ COLUMNS: tuple[Column, ...] = (
     _c("best_val_top1", _F, "%", "validation top-1 of the evaluated checkpoint, training form", _TR),
     _c("best_val_top1_castled", _F, "%", "validation top-1 of the evaluated checkpoint, after castling", _TR),
     _c("checkpoint", _S, "", "evaluated weights: best_val or last", _TR),
-    _c("best_epoch", _I, "", "epoch of the evaluated checkpoint", _TR),
+    _c("best_epoch", _I, "", "epoch of the evaluated checkpoint (from 0: an index into the curve_* lists)", _TR),
     _c("epochs_run", _I, "", "epochs trained", _TR),
+    _c("still_improving", _B, "", "the highest validation top-1 (ties: lower validation loss) came at the last "
+                                  "epoch trained: the curve had not peaked", _TR, since=3),
+    # --- learning curves: one value per epoch trained, epoch 0 first ------------------------------
+    _c("curve_train_loss", _LF, "", "per epoch: training cross-entropy, mean over its batches (label smoothing "
+                                    "and augmentation as trained, regularisation excluded)", _TR, since=3),
+    _c("curve_train_top1", _LF, "%", "per epoch: top-1 on the training batches as trained (augmented)", _TR,
+       since=3),
+    _c("curve_val_top1", _LF, "%", "per epoch: validation top-1 at the epoch's end, training form", _TR, since=3),
+    _c("curve_val_loss", _LF, "", "per epoch: validation cross-entropy at the epoch's end, training form", _TR,
+       since=3),
+    _c("curve_lr", _LF, "", "per epoch: learning rate at the epoch's end (after its last update)", _TR, since=3),
     _c("steps", _I, "", "optimiser updates", _TR),
     _c("train_time_s", _F, "s", "training time", _TR),
     _c("stopped", _B, "", "training stopped by its time budget", _TR),
@@ -220,7 +236,14 @@ def check_row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def columns_since(version: int) -> tuple[Column, ...]:
+    """The columns a file of schema ``version`` (2 or later) has, in file order."""
+    return tuple(c for c in COLUMNS if c.since <= version)
+
+
 def _type_name(t: pa.DataType) -> str:
+    if pa.types.is_list(t):
+        return f"list<{_type_name(t.value_type)}>"
     return {"string": "string", "int64": "int64", "double": "float64", "bool": "bool"}.get(str(t), str(t))
 
 

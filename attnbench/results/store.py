@@ -15,7 +15,8 @@ pandas, pyarrow or DuckDB alone::
     pandas.read_parquet("results/<study>/trials")
     attnbench.results.store.read_rows("results/", kind="trial")   # every file below, checked
 
-Files of schema version 1 (before the schema existed) are upgraded on read; files of another
+Files of schema version 1 (before the schema existed) are upgraded on read, and so are files of a
+later version that lack only the columns added since (read as nulls); files of another
 version are refused with :class:`StoreError` naming file and version, never misread. The lenient
 readers skip a file they cannot read (zero bytes, not Parquet, not attnbench's, another version)
 and say which; ``strict=True`` raises instead.
@@ -45,7 +46,7 @@ __all__ = ["SCHEMA_VERSION", "StoreError", "StoreWarning", "SkippedFile", "Store
 
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 #: Versions this store reads: the current one, and older ones it upgrades.
-READABLE_VERSIONS = (1, SCHEMA_VERSION)
+READABLE_VERSIONS = tuple(range(1, SCHEMA_VERSION + 1))
 
 _META_KEY = b"attnbench.schema_version"
 SOURCE_FILE = "source_file"   # added by the readers: the file a row came from, relative to the root
@@ -92,6 +93,8 @@ def _coerce(column: schema.Column, value: Any, where: str) -> Any:
     if value is None:
         return None
     t = column.type
+    if pa.types.is_list(t):
+        return _coerce_list(column, value, where)
     if isinstance(value, (dict, list, tuple, set)):
         raise StoreError(f"{where}: column '{column.name}' holds a {type(value).__name__}; encode nested "
                          f"values with json.dumps")
@@ -121,6 +124,18 @@ def _coerce(column: schema.Column, value: Any, where: str) -> Any:
     elif pa.types.is_string(t) and not isinstance(value, str):
         raise StoreError(f"{where}: column '{column.name}' expects text, got {type(value).__name__} {value!r}")
     return value
+
+
+def _coerce_list(column: schema.Column, value: Any, where: str) -> list:
+    """A list column's value: a list (tuple, numpy array) of numbers; NaN is kept, not nulled."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise StoreError(f"{where}: column '{column.name}' expects a list of numbers, got {value!r}")
+    items = [_plain(v) for v in value]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+        raise StoreError(f"{where}: column '{column.name}' expects a list of numbers, got {value!r}")
+    return [float(v) for v in items]
 
 
 def _check_row(index: int, row: Any, upgrading: bool = False) -> dict:
@@ -261,6 +276,19 @@ def _upgrade_v1(table: pa.Table, path: Path) -> pa.Table:
         raise StoreError(f"{path}: schema version 1 file cannot be upgraded: {err}") from None
 
 
+def _upgrade_added(table: pa.Table, version: int, path: Path) -> pa.Table:
+    """A file of ``version`` (2 or later) with the columns added since as typed nulls; its rows keep
+    their version (they do not have those values)."""
+    expected = pa.schema([pa.field(c.name, c.type, nullable=True) for c in schema.columns_since(version)])
+    if not table.schema.equals(expected, check_metadata=False):
+        raise StoreError(f"{path}: says schema version {version} but its columns differ from it")
+    if version == SCHEMA_VERSION:
+        return table
+    columns = [table.column(c.name) if c.since <= version else pa.nulls(len(table), c.type)
+               for c in schema.COLUMNS]
+    return pa.Table.from_arrays(columns, schema=schema.ARROW_SCHEMA).replace_schema_metadata(table.schema.metadata)
+
+
 def _version(table: pa.Table, path: Path) -> int:
     meta = (table.schema.metadata or {}).get(_META_KEY)
     versions = set()
@@ -293,12 +321,10 @@ def read_file(path: Union[str, os.PathLike]) -> pa.Table:
     except pa.ArrowException as err:
         raise StoreError(f"{path}: not a readable Parquet file ({err})") from None
     version = _version(table, path)
-    if version == SCHEMA_VERSION:
-        if not table.schema.equals(schema.ARROW_SCHEMA, check_metadata=False):
-            raise StoreError(f"{path}: says schema version {SCHEMA_VERSION} but its columns differ from it")
-        return table
     if version == 1:
         return _upgrade_v1(table, path)
+    if version in READABLE_VERSIONS:
+        return _upgrade_added(table, version, path)
     raise StoreError(f"{path}: written with schema version {version}; this attnbench reads versions "
                      f"{', '.join(map(str, READABLE_VERSIONS))} (re-run it, or read it with a matching attnbench)")
 

@@ -165,6 +165,8 @@ def _result_columns(result: TrainResult) -> dict[str, Any]:
         "switch_flips": result.switch_flips, "best_val_top1": result.val_top1,
         "best_val_top1_castled": result.val_top1_castled, "checkpoint": result.checkpoint,
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "steps": result.steps,
+        "still_improving": result.still_improving,
+        **{f"curve_{name}": values for name, values in result.curves().items()},
         "train_time_s": result.train_time_s, "stopped": result.stopped,
         "mask_density_end": result.mask_density, "branch_ratio_end": result.branch_ratio,
         "mask_density_curve": json.dumps(curve) if curve else None,
