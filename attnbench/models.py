@@ -7,8 +7,9 @@ configurations below are registered with timm, so ``timm.create_model("vit_pico_
 knows them too. Nothing is ever downloaded: ``pretrained=True`` is refused; pass a local
 ``checkpoint_path`` instead.
 
-The remaining helpers (:func:`castle`, :func:`set_progress`, :func:`regularization`,
-:func:`diagnostics`) apply the variant hooks to every :class:`AttentionVariant` of a model.
+The remaining helpers (:func:`castle`, :func:`castle_changes`, :func:`set_progress`,
+:func:`regularization`, :func:`diagnostics`) apply the variant hooks to every
+:class:`AttentionVariant` of a model.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ __all__ = [
     "swap_attention",
     "variant_layers",
     "castle",
+    "castle_changes",
     "set_progress",
     "regularization",
     "diagnostics",
@@ -284,6 +286,55 @@ def castle(model: nn.Module) -> nn.Module:
     for _, layer in variant_layers(model):
         layer.castle()
     return model
+
+
+def castle_changes(model: nn.Module) -> bool:
+    """:func:`castle` ``model`` in place and say whether that changed anything, so that a caller
+    may reuse figures of the training form (softmax, linear-angular: no train-only branch).
+
+    A layer whose class keeps the base :meth:`AttentionVariant.castle` (documented to do
+    nothing) is unchanged. Any other layer is compared before and after: its weights and
+    buffers, its sub-modules' names and types, and its other attributes (a ``castled`` flag, a
+    schedule, hooks). An attribute that cannot be copied or compared counts as a change.
+    """
+    changed = False
+    for _, layer in variant_layers(model):
+        if type(layer).castle is AttentionVariant.castle:
+            layer.castle()
+            continue
+        before = _layer_state(layer)
+        layer.castle()
+        changed = changed or before is None or not _same(before, _layer_state(layer))
+    return changed
+
+
+_MODULE_INTERNALS = ("_parameters", "_buffers", "_modules")
+
+
+def _layer_state(layer: nn.Module) -> Optional[tuple]:
+    """A copy of everything a ``castle()`` could change in place; None if it cannot be copied."""
+    try:
+        attributes = copy.deepcopy({k: v for k, v in vars(layer).items() if k not in _MODULE_INTERNALS})
+    except Exception:   # an attribute deepcopy refuses: treat castling as a change
+        return None
+    structure = [(name, type(m)) for name, m in layer.named_modules()]
+    tensors = {k: v.detach().clone() for k, v in layer.state_dict(keep_vars=True).items()}
+    return structure, tensors, attributes
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that compares tensors by value (shape, dtype and elements) and never raises."""
+    try:
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                    and a.dtype == b.dtype and bool(torch.equal(a.detach().cpu(), b.detach().cpu())))
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
 
 
 def set_progress(model: nn.Module, progress: float) -> None:

@@ -36,8 +36,8 @@ from attnbench import models, precision as precisions
 from attnbench.data import DataSplits
 from attnbench.data.augment import Augmentation, BatchAugmenter
 
-__all__ = ["CURVES", "TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device", "default_arch"]
-
+__all__ = ["CURVES", "TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device",
+           "default_arch"]
 
 #: The per-epoch history values kept as learning curves (result columns ``curve_<name>``).
 CURVES = ("train_loss", "train_top1", "val_top1", "val_loss", "lr")
@@ -482,7 +482,8 @@ def _log_diagnostics(log: list, model: nn.Module, step: int, epoch: int, progres
 
 
 def _evaluate_checkpoint(model, best, test_ds, val_ds, evaluate_kw, result: TrainResult) -> None:
-    """Test the kept checkpoint in the training form, then castle it and test again."""
+    """Test the kept checkpoint in the training form, then castle it and test again (unless
+    castling changed nothing: then the inference form's figures are the training form's)."""
     model.load_state_dict(best["state"])
     models.set_progress(model, best["progress"])
     result.best_epoch, result.best_step, result.best_progress = best["epoch"], best["step"], best["progress"]
@@ -493,10 +494,12 @@ def _evaluate_checkpoint(model, best, test_ds, val_ds, evaluate_kw, result: Trai
     for key in ("mask_density", "branch_ratio"):
         values = [d[key] for d in before["diagnostics"].values() if key in d]
         setattr(result, key, sum(values) / len(values) if values else math.nan)
-    models.castle(model)
-    after = evaluate(model, test_ds, **evaluate_kw)
+    if models.castle_changes(model):
+        after = evaluate(model, test_ds, **evaluate_kw)
+        result.val_top1_castled = evaluate(model, val_ds, **evaluate_kw)["top1"]
+    else:   # the same weights, structure and state: the same predictions, without a second pass
+        after, result.val_top1_castled = before, best["val_top1"]
     result.test_top1_castled = after["top1"]
-    result.val_top1_castled = evaluate(model, val_ds, **evaluate_kw)["top1"]
     result.switch_cost = result.test_top1 - result.test_top1_castled
     n = before["pred"].numel()
     result.switch_flips = float((before["pred"] != after["pred"]).sum()) / n if n else 0.0

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attnbench import data, models, train
+from attnbench import data, models, registry, train
 from test_data import make_cifar_folder, make_image_folder
 from test_idx import make_idx_folder
 
@@ -114,3 +114,103 @@ def test_last_checkpoint_time_budget_and_callback(digits):
 def test_progress_bar_runs(digits):
     result = train.fit(tiny_model(digits), digits, short(max_steps=2), progress=True)
     assert result.ok
+
+
+# --- no wasted test pass: castling that changes nothing is not evaluated twice -------------------
+
+class _NoopOverride(registry.AttentionVariant):
+    """Overrides castle() but changes nothing in it."""
+
+    def attend(self, q, k, v, attn_mask):
+        return v
+
+    def core_macs(self, num_tokens):
+        return 0
+
+    def castle(self):
+        return self
+
+
+class _FlagOverride(_NoopOverride):
+    """castle() flips an attribute that forward reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = 1.0
+
+    def attend(self, q, k, v, attn_mask):
+        return v * self.scale
+
+    def castle(self):
+        self.scale = 0.5
+        return self
+
+
+class _WeightOverride(_NoopOverride):
+    """castle() folds a factor into the projection weights, in place."""
+
+    def castle(self):
+        with torch.no_grad():
+            self.proj.weight.mul_(0.5)
+        return self
+
+
+class _SwapOverride(_NoopOverride):
+    """castle() replaces a sub-module by one of another type that computes the same."""
+
+    def castle(self):
+        self.norm = torch.nn.Sequential()
+        return self
+
+
+@pytest.mark.parametrize("name", sorted(registry.list_variants()))
+def test_castle_changes_is_false_exactly_for_variants_without_a_train_only_branch(name):
+    model = models.create_model("vit_pico_patch2_8", name, num_classes=10, in_chans=1, img_size=8, **TINY)
+    layers = models.variant_layers(model)
+    own_castle = type(layers[0][1]).castle is not registry.AttentionVariant.castle
+    assert models.castle_changes(model) is own_castle    # Castling and its presets flip `castled`
+    assert models.castle_changes(model) is False          # castling again changes nothing
+
+
+@pytest.mark.parametrize("cls, changes", [(_NoopOverride, False), (_FlagOverride, True), (_WeightOverride, True),
+                                          (_SwapOverride, True)])
+def test_castle_changes_compares_state_structure_and_attributes(cls, changes):
+    model = torch.nn.Sequential(cls(dim=8, num_heads=2), cls(dim=8, num_heads=2))
+    assert models.castle_changes(model) is changes
+
+
+@pytest.fixture
+def counted_evaluate(monkeypatch):
+    calls = []
+    real = train.evaluate
+
+    def counting(model, ds, **kw):
+        calls.append(len(ds))
+        return real(model, ds, **kw)
+
+    monkeypatch.setattr(train, "evaluate", counting)
+    return calls
+
+
+@pytest.mark.parametrize("variant, options, test_passes", [
+    ("softmax", None, 1), ("linear-angular", None, 1), ("castling", {"mask_schedule": "fixed"}, 2)])
+def test_the_test_split_is_evaluated_twice_only_when_castling_changes_something(digits, counted_evaluate, variant,
+                                                                                options, test_passes):
+    result = train.fit(tiny_model(digits, variant, options), digits, short(epochs=2, batch_size=256, num_threads=1), progress=False)
+    assert result.ok and result.epochs_run == 2
+    n_val, n_test = len(digits.val), len(digits.test)
+    assert n_val != n_test
+    assert counted_evaluate.count(n_test) == test_passes
+    assert counted_evaluate.count(n_val) == 2 + (test_passes - 1)   # once per epoch, again after castling
+
+
+@pytest.mark.parametrize("variant", ["softmax", "linear-angular"])
+def test_reused_figures_equal_a_second_evaluation(digits, monkeypatch, variant):
+    config = short(epochs=2, batch_size=256, num_threads=1)
+    reused = train.fit(tiny_model(digits, variant), digits, config, progress=False)
+    monkeypatch.setattr(models, "castle_changes", lambda model: models.castle(model) is not None)   # always True
+    evaluated = train.fit(tiny_model(digits, variant), digits, config, progress=False)
+    fields = ("test_top1", "test_top1_castled", "val_top1", "val_top1_castled", "switch_cost", "switch_flips")
+    assert [getattr(reused, f) for f in fields] == [getattr(evaluated, f) for f in fields]
+    assert reused.switch_cost == 0.0 and reused.switch_flips == 0.0
+    assert reused.test_top1_castled == reused.test_top1 and reused.val_top1_castled == reused.val_top1
