@@ -183,7 +183,8 @@ def test_rich_table(summary):
     console.print(*report.rich_tables(summary))
     text = console.export_text()
     assert "study 'ablation' (vit_pico on digits)" in text and "study 'other'" in text
-    assert "71.50 ± 1.00" in text and "[-11.00, -9.00]" in text and "0.0066" in text and "3.26" in text
+    # linear - softmax per seed: -9, -11, -10: mean -10, sd 1, t(0.975, 2 df) = 4.303 x 1 / sqrt(3) = 2.48
+    assert "71.50 ± 1.00" in text and "[-12.48, -7.52]" in text and "0.0066" in text and "3.26" in text
     assert "600 M" in text
 
 
@@ -203,7 +204,7 @@ def test_exports_parse(summary):
     legend = next(line for line in lines if line.startswith("top-1: test %"))
     assert "beyond noise: p (Holm) < 0.05" in legend and "paired t-test on the seeds both ran" in legend
     assert "after Holm's correction" in legend
-    assert "Welch" not in legend and "95% CI of Δ: bootstrap interval (BCa, over seeds)" in legend
+    assert "Welch" not in legend and "95% CI of Δ: t-interval of the difference, from the same test as p." in legend
     assert "MDE (under 5 seeds)" in legend
     linear = frame[frame["label"] == "linear"].iloc[0]            # the exports keep every p
     assert linear["p_welch"] < linear["p_raw"] < linear["p_holm"] < 0.01 and linear["test"] == "paired"

@@ -8,7 +8,7 @@ A configuration is one (study, label, options): a swept option makes several con
 of one label. Per configuration, over its complete seeds (failed and pruned rows are counted,
 never averaged in): top-1 mean and sample std (n shown), top-1 before castling, switch cost,
 the difference from the study's baseline with the statistics of :mod:`attnbench.results.stats`
-(paired or Welch's test, Holm's correction, bootstrap interval), MACs and the reduction against
+(paired or Welch's test, Holm's correction, the test's t-interval), MACs and the reduction against
 the baseline, parameters, latency and memory, and Pareto marks.
 """
 from __future__ import annotations
@@ -426,8 +426,8 @@ def _legend(frame: pd.DataFrame, columns: Sequence[str]) -> str:
             "beyond_noise": f"beyond noise: p (Holm) < {stats.ALPHA:g}.",
             "p_holm": "p (Holm): the test's two-sided p after Holm's correction over the study's comparisons "
                       "with the baseline.",
-            "delta_ci": f"{stats.CONFIDENCE:.0%} CI of Δ: bootstrap interval (BCa, over seeds); too narrow with few "
-                        f"seeds." if has("delta_ci_low") else "",
+            "delta_ci": f"{stats.CONFIDENCE:.0%} CI of Δ: t-interval of the difference, from the same test as p."
+                        if has("delta_ci_low") else "",
             "prob_improvement": "P(better): share of seed pairs where the configuration beats the baseline "
                                 "(ties half)." if has("prob_improvement") else "",
             "min_detectable": f"MDE (under {stats.FEW_SEEDS} seeds): the smallest difference the test detects at "
