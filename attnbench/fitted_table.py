@@ -7,7 +7,8 @@ one after it may still fit). Cells never wrap; a header may span lines (``"\\n"`
 the table come a legend for the shown columns and a line naming the columns left out.
 ``wide=True`` shows every column and lets Rich wrap them as it must.
 
-Cells and headers are plain text: shown exactly as written (no Rich markup is interpreted).
+Cells and headers are plain text: shown exactly as written (no Rich markup is interpreted, control
+characters escaped: :func:`attnbench.terminal.printable`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
+
+from attnbench.terminal import printable
 
 __all__ = ["FittedColumn", "FittedTable"]
 
@@ -77,14 +80,14 @@ class FittedTable:
 
     def table(self, columns: Sequence[FittedColumn]) -> Table:
         """A Rich table of ``columns``: cells unwrapped unless ``wide``."""
-        table = Table(title=Text(self.title) if self.title else None, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+        table = Table(title=Text(printable(self.title)) if self.title else None, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                       title_justify="left")
         for column in columns:
-            table.add_column(Text(column.header), justify=column.justify, no_wrap=not self.wide,
+            table.add_column(Text(printable(column.header, newlines=True)), justify=column.justify, no_wrap=not self.wide,
                              overflow="fold" if self.wide else "ellipsis")
         rows = list(zip(*(c.cells for c in columns))) if columns else []
         for i, cells in enumerate(rows, 1):
-            table.add_row(*(Text(cell) for cell in cells),
+            table.add_row(*(Text(printable(cell, newlines=True)) for cell in cells),
                           end_section=i % self.section_every == 0 and i < len(rows))
         return table
 
@@ -93,7 +96,7 @@ class FittedTable:
         yield self.table(shown)
         legend = self.legend([c.name for c in shown]) if self.legend else ""
         if legend:
-            yield Text(legend)
+            yield Text(printable(legend))
         names = {c.name for c in shown}
         omitted = [c.name for c in self._ranked() if c.name not in names]
         if omitted and self.omitted_note:

@@ -10,19 +10,21 @@ from rich.console import Console
 from rich.markup import escape
 
 from attnbench import registry
+from attnbench.terminal import printable
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 def fail(message: str) -> "NoReturn":  # noqa: F821
-    """Print ``error: message`` on stderr and exit 2 (the message is shown as written, never as markup)."""
-    err_console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` on stderr and exit 2 (the message is shown as written, never as markup,
+    its control characters escaped)."""
+    err_console.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
     sys.exit(2)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
 
 
 def parse_key_values(items, what: str) -> dict:

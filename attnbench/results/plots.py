@@ -5,6 +5,7 @@ Every plot function returns the path written, or None when its data is absent.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import zlib
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from attnbench.results import schema
+from attnbench.terminal import printable
 from attnbench.results.report import KEYS, prepare_trials
 
 __all__ = ["variant_color", "write_plots", "pareto_figure", "pareto_plot", "scaling_plot", "mask_curves",
@@ -41,6 +43,19 @@ def variant_color(variant: str) -> str:
 
 
 _DPI = 110
+
+
+def _plain_text(function):
+    """Run a plotting function with matplotlib's mathtext off: labels and titles are the user's
+    text, drawn as written (a label ``$x$`` or ``a$b`` must not be parsed as TeX, nor fail; its
+    control characters are escaped with :func:`attnbench.terminal.printable`, as on a terminal)."""
+    @functools.wraps(function)
+    def plotting(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return function(*args, **kwargs)
+    return plotting
 
 
 def _figure(panels: int):
@@ -118,6 +133,7 @@ def _place_labels(fig, ax, points: list[tuple[float, float, str]]) -> None:
         taken.append(box)
 
 
+@_plain_text
 def pareto_figure(summary: pd.DataFrame):
     """The Pareto figure of one study (a matplotlib Figure), or None when there is nothing to plot.
 
@@ -136,26 +152,26 @@ def pareto_figure(summary: pd.DataFrame):
     notes = []
     unseeded = summary.loc[summary["top1"].isna(), "config"].tolist()
     if unseeded:
-        notes.append("no complete seed, not plotted: " + ", ".join(map(str, unseeded)))
+        notes.append("no complete seed, not plotted: " + ", ".join(map(printable, unseeded)))
     placements = []
     for ax, (cost, label, title, front) in zip(axes, panels):
         data = rows[rows[cost].notna()]
         unmeasured = rows.loc[rows[cost].isna(), "config"].tolist()
         if unmeasured:
-            notes.append(f"no {title.split(' vs ')[1]} measured: " + ", ".join(map(str, unmeasured)))
+            notes.append(f"no {title.split(' vs ')[1]} measured: " + ", ".join(map(printable, unmeasured)))
         for variant, group in data.groupby(_VARIANT, sort=True, dropna=False):
             name = variant if isinstance(variant, str) else "(unknown variant)"
             ax.errorbar(group[cost], group["top1"], yerr=group["top1_std"].fillna(0), fmt="o", capsize=3,
-                        color=variant_color(name), label=name, zorder=3)
+                        color=variant_color(name), label=printable(name), zorder=3)
         best = data[data[front].astype(bool)].sort_values(cost)
         ax.plot(best[cost], best["top1"], "--", color="black", lw=1, label="Pareto front", zorder=2)
         ax.plot(best[cost], best["top1"], "o", mfc="none", mec="black", ms=10, mew=1, zorder=4)
         ax.set(xlabel=label, ylabel="top-1 % (mean ± std over seeds)", title=title)
         ax.grid(True, alpha=0.3)
         # best configurations first: they get the spots nearest their points
-        placements.append((ax, [(r[cost], r["top1"], str(r["config"]))
+        placements.append((ax, [(r[cost], r["top1"], printable(r["config"]))
                                 for _, r in data.sort_values("top1", ascending=False).iterrows()]))
-    fig.suptitle(f"study '{summary['study'].iloc[0]}'")
+    fig.suptitle(f"study '{printable(summary['study'].iloc[0])}'")
     # one legend for the figure, beside the axes: inside it would cover points and labels
     legend = {name: handle for ax in axes for handle, name in zip(*ax.get_legend_handles_labels())}
     fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize=8)
@@ -166,12 +182,14 @@ def pareto_figure(summary: pd.DataFrame):
     return fig
 
 
+@_plain_text
 def pareto_plot(summary: pd.DataFrame, path: Path) -> Optional[Path]:
     """Write :func:`pareto_figure` to ``path``; None when there is nothing to plot."""
     fig = pareto_figure(summary)
     return None if fig is None else _save(fig, path)
 
 
+@_plain_text
 def scaling_plot(bench: pd.DataFrame, path: Path) -> Optional[Path]:
     """Latency and MACs against tokens (log-log) from benchmark rows, one line per variant and setup."""
     if bench.empty or not {_VARIANT, _TOKENS} <= set(bench.columns):
@@ -189,7 +207,7 @@ def scaling_plot(bench: pd.DataFrame, path: Path) -> Optional[Path]:
             curve = group.groupby(_TOKENS)[metric].median().dropna()
             if not curve.empty:
                 ax.plot(curve.index, curve.values, "o-", color=variant_color(variant),
-                        label=f"{variant} ({setup})" if many else variant)
+                        label=printable(f"{variant} ({setup})" if many else variant))
         ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=label, title=f"{label} vs tokens")
         ticks = sorted(data[_TOKENS].dropna().unique())
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
@@ -230,6 +248,7 @@ def mask_curves(trials: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
         ["mask_density", "branch_ratio"]].mean()
 
 
+@_plain_text
 def mask_density_plot(curves: pd.DataFrame, path: Path) -> Optional[Path]:
     """Mask density (and branch ratio, where recorded) against training progress, one line per config."""
     metrics = [c for c in ("mask_density", "branch_ratio") if c in curves and curves[c].notna().any()]
@@ -244,15 +263,16 @@ def mask_density_plot(curves: pd.DataFrame, path: Path) -> Optional[Path]:
             name = variant if isinstance(variant, str) else ""
             style = styles[seen.get(name, 0) % len(styles)]
             seen[name] = seen.get(name, 0) + 1
-            ax.plot(line["progress"], line[metric], linestyle=style, color=variant_color(name), label=config)
+            ax.plot(line["progress"], line[metric], linestyle=style, color=variant_color(name), label=printable(config))
         ax.set(xlabel="training progress", ylabel=f"{metric.replace('_', ' ')} (mean over layers, seeds)",
                title=f"{metric.replace('_', ' ')} over training")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"study '{curves['study'].iloc[0]}'")
+    fig.suptitle(f"study '{printable(curves['study'].iloc[0])}'")
     return _save(fig, path)
 
 
+@_plain_text
 def write_plots(summary: pd.DataFrame, trials: pd.DataFrame, bench: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Every plot the data allows, under ``out_dir``: per study ``pareto-<study>.png`` and
     ``mask-density-<study>.png``, and ``scaling.png`` from benchmark rows. Returns the paths written."""

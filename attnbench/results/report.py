@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from attnbench.results import schema, stats, store
+from attnbench.terminal import printable
 from attnbench.variant import did_you_mean
 
 __all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "TABLE_PRIORITY", "FORMATS", "Results", "load_results",
@@ -487,11 +488,17 @@ def _markdown(frame: pd.DataFrame, columns: Sequence[str]) -> str:
     parts = []
     for study, rows in _studies(frame):
         headers, body = _cells(rows, columns)
-        line = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"  # noqa: E731
-        parts += [f"**{_title(rows, study)}**", "", line(map(_one_line, headers)),
+        line = lambda cells: "| " + " | ".join(map(_markdown_cell, cells)) + " |"  # noqa: E731
+        parts += [f"**{_markdown_cell(_title(rows, study))}**", "", line(map(_one_line, headers)),
                   "|" + "|".join("---" if c == "config" else "---:" for c in columns) + "|",
-                  *(line(cells) for cells in body), "", _legend(rows, columns), ""]
+                  *(line(cells) for cells in body), "", _markdown_cell(_legend(rows, columns)), ""]
     return "\n".join(parts)
+
+
+def _markdown_cell(text: str) -> str:
+    """User text in a Markdown table cell: HTML escaped (a label ``<script>`` stays text), ``|``
+    escaped (it would end the cell), line breaks and other control characters as escapes."""
+    return printable(html.escape(text, quote=False)).replace("|", "\\|").replace("*", "\\*")
 
 
 def _stored(columns: Sequence[str]) -> list[str]:
