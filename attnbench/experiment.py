@@ -30,6 +30,9 @@ import hashlib
 import itertools
 import json
 import math
+import reprlib
+import typing
+import unicodedata
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -49,6 +52,10 @@ SAMPLERS = ("grid", "tpe", "nsga2", "random")
 CONFIG_PARAM = "config"   # the Optuna parameter that picks one of several listed configurations
 DATA_PREFIX = "data."     # search keys naming a data set option (e.g. ``data.img_size``), not a variant's
 
+MAX_SEED = 2**32 - 1                     # seeds reach numpy and torch generators, which take 32 bits
+MAX_SAMPLER_SEED = (2**32 - 1) // 1000 - 1   # a worker's sampler seed is seed x 1000 + index (index < 1000)
+#: Upper bounds of ``measure`` integers: far above use, far below an allocation of hundreds of GB.
+_MEASURE_MAX = {"batch_size": 4096, "repeats": 10_000, "threads": 1024}
 #: The top-level fields of an experiment file (docs/experiments.md describes each).
 TOP_LEVEL_FIELDS = ("name", "description", "model", "data", "train", "seeds", "variants", "baseline", "search",
                     "sampler", "objectives", "budget", "pruning", "storage", "measure", "constraints")
@@ -303,16 +310,20 @@ class _Reader:
             self.fail(field, f"expected a non-empty string, got {_show(value)}")
         return value
 
-    def integer(self, value: Any, field: str, minimum: Optional[int] = None) -> int:
+    def integer(self, value: Any, field: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(field, f"expected an integer, got {_show(value)}")
         if minimum is not None and value < minimum:
-            self.fail(field, f"expected an integer >= {minimum}, got {value}")
+            self.fail(field, f"expected an integer >= {minimum}, got {_show(value).removeprefix('int ')}")
+        if maximum is not None and value > maximum:
+            self.fail(field, f"expected an integer <= {maximum:,}, got {_show(value).removeprefix('int ')}")
         return value
 
     def number(self, value: Any, field: str, positive: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(field, f"expected a number, got {_show(value)}")
+        if not math.isfinite(value):
+            self.fail(field, f"expected a finite number, got {value}")
         if positive and not value > 0:
             self.fail(field, f"expected a number > 0, got {value}")
         return float(value)
@@ -328,12 +339,30 @@ def _join(field: str, key: Any) -> str:
 
 
 def _show(value: Any) -> str:
+    """A value echoed in an error: its type and a repr cut to one short line (a container is
+    abbreviated as it is rendered, never rendered whole)."""
     if value is None:
         return "nothing"
-    shown = repr(value)
-    if len(shown) > _SHOWN_CHARS:
-        shown = f"{shown[:_SHOWN_CHARS]}... ({len(shown):,} characters)"
+    if isinstance(value, str):
+        shown = repr(value)
+        if len(shown) > _SHOWN_CHARS:
+            shown = f"{shown[:_SHOWN_CHARS]}... ({len(value):,} characters)"
+    else:
+        shown = _SHORT_REPR.repr(value)
+        if len(shown) > _SHOWN_CHARS:
+            shown = f"{shown[:_SHOWN_CHARS]}..."
     return f"{type(value).__name__} {shown}"
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict = 3, 4
+    short.maxlist = short.maxtuple = short.maxset = 4
+    short.maxstring = short.maxother = short.maxlong = _SHOWN_CHARS
+    return short
+
+
+_SHORT_REPR = _short_repr()
 
 
 def load_experiment(path: Union[str, Path]) -> Experiment:
@@ -343,15 +372,37 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
         ExperimentError: the file is missing, not YAML, or malformed (one-line message).
     """
     path = Path(path)
+    return parse_experiment(read_yaml(path), str(path), default_name=path.stem)
+
+
+#: Bounds on an experiment file: far above any real one, far below what takes a parser seconds.
+MAX_FILE_BYTES = 4 * 2**20
+MAX_DEPTH = 32
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of an experiment file, read safely: at most :data:`MAX_FILE_BYTES`
+    (``/dev/zero`` is refused, not read for ever), nested at most :data:`MAX_DEPTH` deep, no
+    anchors or aliases (a few hundred bytes of aliases expand to billions of values) and no key
+    given twice in one mapping (YAML would keep the last without a word).
+
+    Raises:
+        ExperimentError: one line naming the file (and the line and column of the problem).
+    """
     source = str(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+        text = data.decode()
     except FileNotFoundError:
         raise ExperimentError(source, "", "no such file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError, OSError) as err:
         raise ExperimentError(source, "", f"cannot read it ({type(err).__name__})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ExperimentError(source, "", f"larger than {MAX_FILE_BYTES // 2**20} MiB; an experiment file is a "
+                                          f"few lines of YAML")
     try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=_SafeExperimentLoader)   # noqa: S506 - a SafeLoader, bounded
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         position = getattr(err, "position", None)   # a reader error: a character YAML does not allow
@@ -359,7 +410,45 @@ def load_experiment(path: Union[str, Path]) -> Experiment:
             f" at character {position + 1}" if isinstance(position, int) else ""
         problem = getattr(err, "problem", None) or getattr(err, "reason", None) or "invalid YAML"
         raise ExperimentError(source, "", f"not valid YAML{where}: {problem}") from None
-    return parse_experiment(raw, source, default_name=path.stem)
+
+
+class _SafeExperimentLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases, deep nesting and duplicate keys as it composes
+    (before anything is expanded)."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"an alias (*{event.anchor}) is not accepted: anchors "
+                                                          f"and aliases can expand without bound; write the "
+                                                          f"value out", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:   # an unhashable key: the constructor's own error says so
+                    break
+                if duplicate:
+                    shown = repr(key) if len(repr(key)) <= _SHOWN_CHARS else repr(key)[:_SHOWN_CHARS] + "..."
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {shown} is given twice in one mapping (YAML would keep the "
+                                    f"last without a word)", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str = "experiment") -> Experiment:
@@ -368,9 +457,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
     if raw is None:
         r.fail("", "the file is empty; expected a mapping with at least 'variants'")
     top = r.mapping(raw, "", TOP_LEVEL_FIELDS)
-    name = r.string(top.get("name", default_name), "name")
-    if any(ch in name for ch in "/\\") or name.startswith("."):
-        r.fail("name", f"expected a plain name usable as a folder, got {name!r}")
+    name = _study_name(r, top.get("name", default_name), "name" in top)
 
     arch, model_kwargs = _model(r, top.get("model"))
     dataset, data_root, data_options = _data(r, top.get("data"))
@@ -389,7 +476,10 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
     measure = _measure(r, top.get("measure"))
     _objectives_measured(r, objectives, measure)
     max_macs = _constraints(r, top.get("constraints"))
-    description = str(top.get("description", ""))
+    description = top.get("description", "")
+    if not isinstance(description, (str, int, float)) or isinstance(description, bool):
+        r.fail("description", f"expected text, got {_show(description)}")
+    description = str(description)
 
     experiment = Experiment(
         name=name, source=source, description=description, arch=arch,
@@ -412,6 +502,29 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
     if experiment.multi_objective and pruning:
         r.fail("pruning", "multi-objective studies cannot prune; set 'pruning: false' (use constraints.max_macs)")
     return experiment
+
+
+_NAME_MAX_CHARS = 100   # a folder name, with room for the study's files within every file system's limit
+
+
+def _study_name(r: _Reader, raw: Any, given: bool) -> str:
+    """The study's name, which is also its folder under the results folder: one plain path
+    component (no separator, no leading dot, no control character, not too long), so that
+    ``RESULTS/<name>`` is always a folder directly inside RESULTS."""
+    where = "" if given else " (taken from the file name; set 'name' to another)"
+    name = r.string(raw, "name")
+    if any(ch in name for ch in "/\\") or name.startswith("."):
+        r.fail("name", f"expected a plain name usable as a folder (no '/' or '\\', not starting with '.'), "
+                       f"got {_show(name)}{where}")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
+        r.fail("name", f"expected a name without control characters (newline, tab, NUL, escape), "
+                       f"got {_show(name)}{where}")
+    if name != name.strip():
+        r.fail("name", f"expected a name without leading or trailing spaces, got {_show(name)}{where}")
+    if len(name) > _NAME_MAX_CHARS or len(name.encode()) > 2 * _NAME_MAX_CHARS:
+        r.fail("name", f"expected at most {_NAME_MAX_CHARS} characters (it names a folder), got "
+                       f"{len(name):,}{where}")
+    return name
 
 
 def _model(r: _Reader, raw: Any) -> tuple[Optional[str], dict]:
@@ -451,7 +564,7 @@ def _data(r: _Reader, raw: Any) -> tuple[str, Optional[str], dict]:
     for key, value in options.items():
         _data_value(r, _data_option_spec(r, DATA_PREFIX + key, f"data.options.{key}", dataset), value,
                     f"data.options.{key}")
-    options["seed"] = r.integer(spec.get("seed", 0), "data.seed", minimum=0)
+    options["seed"] = r.integer(spec.get("seed", 0), "data.seed", minimum=0, maximum=MAX_SEED)
     return dataset, root, options
 
 
@@ -474,6 +587,7 @@ def _train(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
     from attnbench.train import TrainConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
     spec = r.mapping(raw, "train", tuple(fields))
     # The resolved augmentation is always stored, so every result row says what was (not) applied.
     out = {"augment": _augment(r, spec.get("augment"), dataset, data_options)}
@@ -482,22 +596,36 @@ def _train(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
             r.fail(f"train.{key}", f"is set by attnbench: {_TRAIN_SET_BY_SWEEP[key]}; remove it")
         if key == "augment":
             continue
-        default = fields[key].default
-        if isinstance(default, bool):
-            out[key] = r.boolean(value, f"train.{key}")
-        elif isinstance(default, int) and not isinstance(value, float):
-            out[key] = r.integer(value, f"train.{key}", minimum=0)
-        elif isinstance(default, (int, float)):
-            out[key] = r.number(value, f"train.{key}")
-        elif value is None or isinstance(value, (str, int, float)):
+        kind, optional = _field_kind(hints[key])
+        field = f"train.{key}"
+        if value is None and optional:
+            out[key] = None
+        elif kind is bool:
+            out[key] = r.boolean(value, field)
+        elif kind is int:
+            out[key] = r.integer(value, field, minimum=0)
+        elif kind is float:
+            out[key] = r.number(value, field)
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
             out[key] = value
         else:
-            r.fail(f"train.{key}", f"expected a scalar, got {_show(value)}")
+            r.fail(field, f"expected a single value, got {_show(value)}")
     try:
         TrainConfig(**out)
     except (TypeError, ValueError) as err:
-        r.fail("train", str(err))
+        message = str(err).removeprefix("TrainConfig: ")
+        named = next((key for key in fields if message.startswith(f"{key} ")), None)
+        r.fail(f"train.{named}" if named in spec else "train", message)
     return out
+
+
+def _field_kind(hint: Any) -> tuple[Any, bool]:
+    """(the type of a dataclass field, whether it may be None): ``Optional[int]`` -> (int, True)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else None), True
+    return hint, False
 
 
 def _augment(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
@@ -534,7 +662,7 @@ def _seeds(r: _Reader, raw: Any) -> tuple[int, ...]:
         raw = [raw]
     if not isinstance(raw, list) or not raw:
         r.fail("seeds", f"expected a non-empty list of integers, got {_show(raw)}")
-    seeds = tuple(r.integer(s, f"seeds[{i}]", minimum=0) for i, s in enumerate(raw))
+    seeds = tuple(r.integer(s, f"seeds[{i}]", minimum=0, maximum=MAX_SEED) for i, s in enumerate(raw))
     if len(set(seeds)) != len(seeds):
         r.fail("seeds", f"expected distinct seeds, got {list(seeds)}")
     return seeds
@@ -567,10 +695,11 @@ def _configs(r: _Reader, raw: Any, dataset: str, sampler: str) -> tuple[VariantC
                 if p.kind == "float":
                     r.fail(p.field, f"option '{p.name}' is a float range; the grid sampler needs a list of values")
         configs.append(dataclasses.replace(config, search=own))
-    labels = [c.label for c in configs]
-    for label in labels:
-        if labels.count(label) > 1:
-            r.fail("variants", f"label '{label}' is used twice; give each configuration a distinct 'label'")
+    seen: set[str] = set()   # one pass: a file of thousands of configurations is checked in milliseconds
+    for config in configs:
+        if config.label in seen:
+            r.fail("variants", f"label '{config.label}' is used twice; give each configuration a distinct 'label'")
+        seen.add(config.label)
     return tuple(configs)
 
 
@@ -715,7 +844,8 @@ def _sampler(r: _Reader, raw: Any) -> tuple[str, int]:
     if kind not in SAMPLERS:
         r.fail("sampler.type", f"unknown sampler '{kind}'{did_you_mean(kind, SAMPLERS)} "
                                f"(expected one of: {', '.join(SAMPLERS)})")
-    return kind, r.integer(spec.get("seed", 0), "sampler.seed", minimum=0)
+    # each worker's sampler seed is seed x 1000 + its index, and Optuna's samplers take 32 bits
+    return kind, r.integer(spec.get("seed", 0), "sampler.seed", minimum=0, maximum=MAX_SAMPLER_SEED)
 
 
 def _objectives(r: _Reader, raw: Any) -> tuple[Objective, ...]:
@@ -761,7 +891,7 @@ def _measure(r: _Reader, raw: Any) -> MeasureSpec:
         if isinstance(fields[key], bool):
             values[key] = r.boolean(value, f"measure.{key}")
         else:
-            values[key] = r.integer(value, f"measure.{key}", minimum=1)
+            values[key] = r.integer(value, f"measure.{key}", minimum=1, maximum=_MEASURE_MAX.get(key))
     return MeasureSpec(**values)
 
 

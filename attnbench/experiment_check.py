@@ -16,15 +16,16 @@ import dataclasses
 import functools
 import inspect
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from attnbench.experiment import DATA_PREFIX, Experiment, ExperimentError, ParamSpec, VariantConfig
+from attnbench.paths import folder_problem
 from attnbench.variant import did_you_mean
 
-__all__ = ["ExperimentRefused", "CheckedExperiment", "check_experiment", "data_loader", "resolve_device"]
+__all__ = ["ExperimentRefused", "CheckedExperiment", "check_experiment", "data_loader", "resolve_device",
+           "patch_problem"]
 
 _BUILD_PROBE = "softmax"   # a built-in variant: if it cannot be built, the model settings are at fault
 
@@ -149,14 +150,9 @@ class _Check:
     # --- run options ------------------------------------------------------------------------
 
     def results_folder(self, results: Path) -> None:
-        for path in (results / self.e.name, results, *results.parents):
-            if path.exists():
-                if not path.is_dir():
-                    self.problem("--results", f"'{path}' is a file; expected a folder (or a path that does "
-                                              f"not exist yet) for the results")
-                elif not os.access(path, os.W_OK | os.X_OK):
-                    self.problem("--results", f"'{path}' is not writable")
-                return
+        problem = folder_problem(results / self.e.name / "trials", "for the results")
+        if problem:
+            self.problem("--results", problem)
 
     # --- data and the model settings ---------------------------------------------------------
 
@@ -242,19 +238,12 @@ class _Check:
 
     def patches(self, model, arch: str, img_size: int, param: Optional[ParamSpec]) -> bool:
         """The image is a whole number of patches: timm would crop the remainder silently."""
-        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-        if patch is None:
+        problem = patch_problem(model, arch, img_size)
+        if problem is None:
             return True
-        side = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
-        if img_size % side == 0 and img_size >= side:
-            return True
-        lower, upper = img_size // side * side, (img_size // side + 1) * side
-        sizes = f"{lower} or {upper}" if lower else f"{upper}"
         where = (param.field if param is not None else "data.options.img_size"
                  if "img_size" in self.e.data_options else "model.arch")
-        self.problem(where, f"image size {img_size} is not a multiple of the patch size {side} of '{arch}': "
-                            f"{img_size % side} row(s) and column(s) of pixels would be dropped "
-                            f"(use image size {sizes}, or a model with another patch size)")
+        self.problem(where, problem)
         return False
 
     # --- every configuration ----------------------------------------------------------------
@@ -322,6 +311,22 @@ class _Check:
             if param.field == field:
                 return param
         return None
+
+
+def patch_problem(model, arch: str, img_size: int) -> Optional[str]:
+    """Why ``img_size`` is not a whole number of ``model``'s patches (timm would drop the
+    remainder without a word), or None."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return None
+    side = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+    if img_size % side == 0 and img_size >= side:
+        return None
+    lower, upper = img_size // side * side, (img_size // side + 1) * side
+    sizes = f"{lower} or {upper}" if lower else f"{upper}"
+    return (f"image size {img_size} is not a multiple of the patch size {side} of '{arch}': "
+            f"{img_size % side} row(s) and column(s) of pixels would be dropped "
+            f"(use image size {sizes}, or a model with another patch size)")
 
 
 def _keywords(cls: type) -> Optional[list[str]]:

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import time
+import typing
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -110,16 +111,62 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.augment, dict):
             self.augment = Augmentation(**self.augment)
+        _check_types(self)
+        finite = lambda value: value is None or math.isfinite(value)  # noqa: E731
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
-                  (self.lr > 0, "lr must be > 0"), (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
+                  (self.lr > 0 and finite(self.lr), "lr must be a finite number > 0"),
+                  (self.weight_decay >= 0 and finite(self.weight_decay), "weight_decay must be a finite number >= 0"),
+                  (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
+                  (self.warmup_lr >= 0 and finite(self.warmup_lr), "warmup_lr must be a finite number >= 0"),
+                  (self.min_lr >= 0 and finite(self.min_lr), "min_lr must be a finite number >= 0"),
+                  (self.min_lr <= self.lr, "min_lr must not exceed lr"),
                   (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+                  (self.clip_grad is None or (self.clip_grad > 0 and finite(self.clip_grad)),
+                   "clip_grad must be a finite number > 0, or none"),
+                  (0 <= self.seed < 2**32, "seed must be an integer in [0, 2**32)"),
                   (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+                  (self.time_budget_s is None or (self.time_budget_s > 0 and finite(self.time_budget_s)),
+                   "time_budget_s must be a finite number of seconds > 0, or none"),
                   (self.checkpoint in ("best_val", "last"), "checkpoint must be 'best_val' or 'last'"),
-                  (self.log_every >= 0, "log_every must be >= 0")]
+                  (self.log_every >= 0, "log_every must be >= 0"),
+                  (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+                  (self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1, or none"),
+                  (self.num_workers >= 0, "num_workers must be >= 0")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
+        from timm.optim import list_optimizers
+
+        known = list_optimizers()
+        if self.opt.lower() not in known:
+            from attnbench.variant import did_you_mean
+
+            raise ValueError(f"TrainConfig: opt '{self.opt}' is not a timm optimiser{did_you_mean(self.opt, known)}")
         precisions.check_precision(self.precision, "TrainConfig: precision")
+
+
+def _check_types(config: "TrainConfig") -> None:
+    """Each number field holds a number of its type (an int field a whole number: ``epochs: 1.5``
+    would run one epoch and store 1.5), each text field text; ``None`` only where it may."""
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        hint, value = hints[field.name], getattr(config, field.name)
+        optional = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
+        kind = next((a for a in typing.get_args(hint) if a is not type(None)), None) if optional else hint
+        if value is None and optional:
+            continue
+        if kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind is str:
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            expected = {int: "an integer", float: "a number", str: "text"}[kind]
+            raise ValueError(f"TrainConfig: {field.name} must be {expected}{' or none' if optional else ''}, "
+                             f"got {value!r}"[:200])
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import operator
 import typing
 from typing import Any, ClassVar, Literal, Optional
@@ -236,6 +237,9 @@ class AttentionVariant(nn.Module):
     ) -> None:
         super().__init__()
         self.options = parse_options(type(self), options)
+        for name, value in (("dim", dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"variant '{self._label()}': {name} must be a positive integer, got {value!r}")
         if dim % num_heads:
             raise ValueError(f"variant '{self._label()}': dim {dim} is not divisible by num_heads {num_heads}")
         if (qk_norm or scale_norm) and norm_layer is None:

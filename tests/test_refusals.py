@@ -113,7 +113,8 @@ CASES = [
     ("train-device", _with(BASE, "max_steps: 1}", "max_steps: 1, device: cuda}"), [], "train.device",
      "is set by attnbench"),
     ("train-seed", _with(BASE, "max_steps: 1}", "max_steps: 1, seed: 3}"), [], "train.seed", "is set by attnbench"),
-    ("train-negative-lr", _with(BASE, "max_steps: 1}", "max_steps: 1, lr: -1}"), [], "train", "lr must be > 0"),
+    ("train-negative-lr", _with(BASE, "max_steps: 1}", "max_steps: 1, lr: -1}"), [], "train.lr",
+     "lr must be a finite number > 0"),
     ("seeds-negative", _with(BASE, "seeds: [0, 1]", "seeds: [0, -1]"), [], "seeds[1]", "expected an integer >= 0"),
     # --- configurations and their search
     ("variant-entry-field-typo", _plus("{label: x, variant: linear, serach: {}}"), [], "variants[2].serach",
@@ -166,6 +167,13 @@ def _contents(folder: Path) -> dict[str, bytes]:
 def test_refused_in_one_line_before_anything_is_written(tmp_path, name, text, args, field, message):
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    assert_refused(tmp_path, name, text, args, field, message)
+
+
+def assert_refused(tmp_path: Path, name: str, text: str, args: list, field, message: str) -> None:
+    """``attnbench sweep`` of ``text`` exits 2 with one line, ``error: FILE: field 'FIELD': ...MESSAGE...``
+    (no field: the file itself), no traceback, and writes nothing (TMP in ``text`` and ``args`` is
+    ``tmp_path``, which holds a file ``a-file``)."""
     (tmp_path / "a-file").write_text("not a folder\n")
     text = text.replace("CIFAR", _cifar_with_corrupt_batch(tmp_path) if "CIFAR" in text else "")
     path = tmp_path / f"{name}.yaml"

@@ -37,8 +37,15 @@ from attnbench.cli._common import _show_warning, console, err_console, fail
 def report_command(results_dir: Path, studies, labels, variants, filters, sort, desc, columns, wide, baseline, fmt,
                    out, plots_dir, no_plots, html_file, strict) -> None:
     """Tables, Pareto fronts and plots: one row per configuration, mean ± std over seeds."""
+    from attnbench.paths import file_problem, folder_problem
     from attnbench.results import report
 
+    for option, problem in (("--out", out is not None and file_problem(out, "for --out")),
+                            ("--html", html_file is not None and file_problem(html_file, "for --html")),
+                            ("--plots", plots_dir is not None and not no_plots and folder_problem(plots_dir,
+                                                                                                  "for the plots"))):
+        if problem:
+            fail(f"{option}: {problem}")
     try:
         loaded = report.load_store(results_dir, strict=strict,
                                    on_skip=lambda skipped: _show_warning(skipped, UserWarning, "", 0))

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from attnbench import registry
 from attnbench.cli._common import console, err_console, fail
+from attnbench.terminal import printable
 
 
 @click.command("sweep")
@@ -24,7 +25,7 @@ from attnbench.cli._common import console, err_console, fail
               help="Check the experiment and print the resolved plan (trials, MACs per configuration); train nothing.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Local worker processes sharing the study.")
-@click.option("--worker-index", default=None, type=click.IntRange(min=0),
+@click.option("--worker-index", default=None, type=click.IntRange(min=0, max=999),
               help="Fix this worker's slot: its sampler seed is seed x 1000 + INDEX (grid: one seed for all) "
                    "[default: the study's next free slot].")
 @click.option("--retry-failed", is_flag=True,
@@ -62,15 +63,14 @@ def _missing_plugin_hint(message: str, experiment_file: Path, results_dir: Path)
     from (a plugin that was uninstalled since), else ""."""
     import re
 
-    import yaml
-
+    from attnbench.experiment import read_yaml
     from attnbench.results import store
 
     unknown = re.search(r"unknown variant '([^']+)'", message)
     if unknown is None:
         return ""
     try:
-        raw = yaml.safe_load(experiment_file.read_text())
+        raw = read_yaml(experiment_file)
         name = raw.get("name") if isinstance(raw, dict) else None
         rows = store.read_rows(results_dir / str(name or experiment_file.stem), kind="trial")
     except Exception:  # noqa: BLE001 - a hint only: the error itself is already complete
@@ -81,7 +81,7 @@ def _missing_plugin_hint(message: str, experiment_file: Path, results_dir: Path)
 def _refuse(refused) -> "NoReturn":  # noqa: F821
     """Every problem of a refused experiment, one line each; exit 2."""
     for problem in refused.problems:
-        err_console.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(printable(problem))}", highlight=False, soft_wrap=True)
     sys.exit(2)
 
 
@@ -103,17 +103,17 @@ def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index
     except sweep.StorageError as err:
         fail(str(err))
     pruned = f", {summary.pruned} pruned" if summary.pruned else ""
-    console.print(f"study [bold]{escape(summary.study)}[/]: {summary.done} trials finished "
+    console.print(f"study [bold]{escape(printable(summary.study))}[/]: {summary.done} trials finished "
                   f"({summary.failed} failed{pruned}), {summary.ran_here} run now; rows in "
-                  f"{escape(str(summary.results))}/trials; storage {escape(summary.storage)}", highlight=False)
+                  f"{escape(printable(summary.results))}/trials; storage {escape(printable(summary.storage))}", highlight=False)
     if summary.failures:
         for failure in summary.failures:
-            err_console.print(f"[red]failed:[/] trial {failure.key} ({escape(failure.label)}): "
-                              f"{escape(failure.reason)}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]failed:[/] trial {failure.key} ({escape(printable(failure.label))}): "
+                              f"{escape(printable(failure.reason))}", highlight=False, soft_wrap=True)
         err_console.print("fix the cause and run the same command again (with --retry-failed if the experiment "
                           "file is unchanged)", highlight=False)
         sys.exit(1)
-    console.print(f"next: [bold]attnbench report --results {escape(str(results_dir))}[/]", highlight=False)
+    console.print(f"next: [bold]attnbench report --results {escape(printable(results_dir))}[/]", highlight=False)
 
 
 def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, device: str, workers: int,
@@ -198,7 +198,7 @@ class RichSweepDisplay:
         self.experiment = experiment
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=err_console)
-        self.task = self.progress.add_task(f"sweep {escape(experiment.name)}", total=None, status="")
+        self.task = self.progress.add_task(f"sweep {escape(printable(experiment.name))}", total=None, status="")
 
     def __enter__(self):
         return self   # the bar starts with the first update: a refused experiment prints only its errors
@@ -210,10 +210,10 @@ class RichSweepDisplay:
         self.progress.start()
         best = self._best(study)
         status = f"running {state.running}  failed {state.failed}" + (f"  best {best}" if best else "")
-        self.progress.update(self.task, completed=state.done, total=target, status=escape(status))
+        self.progress.update(self.task, completed=state.done, total=target, status=escape(printable(status)))
 
     def log(self, message: str) -> None:
-        self.progress.console.print(f"[red]{escape(message)}[/]", highlight=False)
+        self.progress.console.print(f"[red]{escape(printable(message))}[/]", highlight=False)
 
     def _best(self, study) -> str:
         try:

@@ -86,6 +86,11 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
     from attnbench.train import TrainConfig, default_arch, fit, resolve_device
     from attnbench.variant import parse_options
 
+    from attnbench.experiment_check import patch_problem
+    from attnbench.paths import file_problem
+
+    if json_file is not None and (problem := file_problem(json_file, "for --json")):
+        fail(f"--json: {problem}")   # before training: a result is never lost to a bad path
     specs = runs or ("softmax",)
     parsed = [_parse_run(spec) for spec in specs]
     for name, options in parsed:   # every run is checked before any trains
@@ -109,6 +114,20 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
     except DataError as err:
         fail(str(err))
     arch = arch or default_arch(splits)
+
+    def build(name: str, options: dict):
+        try:
+            model = models.create_model(arch, name, options, seed=config.seed, num_classes=splits.num_classes,
+                                        in_chans=splits.in_chans, img_size=splits.img_size, **model_options)
+        except models.ModelError as err:
+            fail(str(err))
+        except TypeError as err:   # timm's constructor refused a keyword
+            fail(f"--model-option: {err}")
+        if problem := patch_problem(model, arch, splits.img_size):
+            fail(f"--data-option img_size: {problem}" if "img_size" in data_options else f"--arch: {problem}")
+        return model
+
+    build(*parsed[0])   # the model settings are checked before anything trains (every run shares them)
     console.print(f"data {splits.summary()}\nmodel {arch} {model_options}\nconfig {dataclasses.asdict(config)}",
                   highlight=False, markup=False)
     # Compact enough for 80 columns; every field of every result (validation too) is in --json.
@@ -121,13 +140,7 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
         table.add_column(column, justify="right", no_wrap=True)
     results = []
     for spec, label, (name, options) in zip(specs, labels, parsed):
-        try:
-            model = models.create_model(arch, name, options, seed=config.seed, num_classes=splits.num_classes,
-                                        in_chans=splits.in_chans, img_size=splits.img_size, **model_options)
-        except models.ModelError as err:
-            fail(str(err))
-        except TypeError as err:   # timm's constructor refused a keyword
-            fail(f"--model-option: {err}")
+        model = build(name, options)
         res = fit(model, splits, config, progress=progress, label=name)
         results.append({"run": spec, "variant": name, "options": options, "arch": arch, "data": splits.summary(),
                         **dataclasses.asdict(res), "curves": res.curves(), "still_improving": res.still_improving})

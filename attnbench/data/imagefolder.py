@@ -62,6 +62,9 @@ def _scan_folder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
         raise DataError(f"imagefolder: '{folder}' is not an image folder ({err}); expected one sub-folder per "
                         "class holding image files (root/<class>/<image>.png), or train/ and test/ "
                         "sub-trees of that shape") from None
+    if len(tree.classes) < 2:   # one class: every prediction is right, top-1 100% whatever the model
+        raise DataError(f"imagefolder: '{folder}' holds {len(tree.classes)} class folder ('{tree.classes[0]}'); "
+                        f"a classification needs at least 2 (root/<class>/<image>.png, one sub-folder per class)")
     return list(tree.classes), [(path, label) for path, label in tree.samples]
 
 

@@ -24,7 +24,27 @@ def storage_url(experiment: Experiment, results_dir: Path, storage: Optional[str
         return url
     path = (results_dir / experiment.name / "study.db").resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    return sqlite_url(path)
+
+
+def sqlite_url(path: Path) -> str:
+    """The ``sqlite:///`` URL of the database file ``path``, quoted so that SQLAlchemy reads back
+    exactly that path: a folder named ``%2E%2E`` or ``q?mode=ro`` stays a folder, never ``..`` or
+    a query string."""
+    from sqlalchemy.engine import URL
+
+    return URL.create("sqlite", database=str(path)).render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str) -> Optional[str]:
+    """The database file a ``sqlite:///`` URL names, as SQLAlchemy reads it (None for another URL
+    or an in-memory database)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    return None if not database or database == ":memory:" or "mode=memory" in url else database
 
 
 def heartbeat_settings() -> tuple[int, int]:
@@ -129,9 +149,8 @@ class StorageLock:
             return None
         if _is_journal(self.url):
             return self.url + ".lock"
-        if self.url.startswith("sqlite:///") and ":memory:" not in self.url:
-            return self.url[len("sqlite:///"):] + ".lock"
-        return None
+        database = sqlite_path(self.url)
+        return None if database is None else database + ".lock"
 
     def __enter__(self) -> "StorageLock":
         self.acquire()
