@@ -93,7 +93,7 @@ MALFORMED = [
     ("nsga2-single", VALID + "sampler: nsga2\nbudget: {trials: 4}\n", "field 'sampler': nsga2 is for several objectives"),
     ("tpe-no-budget", VALID + "sampler: tpe\n", "field 'budget': sampler 'tpe' needs 'budget.trials'"),
     ("variants-missing", "name: x\nseeds: [0]\n", "field 'variants': missing"),
-    ("lr-negative", _raw(VALID).replace("epochs: 1", "epochs: 1, lr: -1"), "field 'train': TrainConfig: lr must be > 0"),
+    ("lr-negative", _raw(VALID).replace("epochs: 1", "epochs: 1, lr: -1"), "field 'train.lr': lr must be a finite number > 0"),
 ]
 
 

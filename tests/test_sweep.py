@@ -115,7 +115,7 @@ def test_interrupted_sweep_resumes_without_losing_or_doubling(tmp_path, monkeypa
     assert sorted(df["variant"].unique()) == ["identity", "linear", "softmax"]
 
 
-def test_ctrl_c_while_optuna_stores_a_finished_trial_waits_until_it_is_stored(tmp_path, monkeypatch):
+def test_ctrl_c_while_optuna_stores_a_finished_trial_waits_until_it_is_stored(tmp_path, monkeypatch, sigint_handler):
     """SIGINT inside Optuna's bookkeeping after the objective returned (which Optuna cannot take:
     UnboundLocalError in ``_run_trial``) is held until the trial is stored, then interrupts."""
     from optuna.storages import RDBStorage
@@ -132,9 +132,10 @@ def test_ctrl_c_while_optuna_stores_a_finished_trial_waits_until_it_is_stored(tm
 
     monkeypatch.setattr(RDBStorage, "set_trial_state_values", interrupting)
     experiment = load_experiment(experiment_file(tmp_path, variants=("softmax", "identity"), latency="false"))
+    before = sigint_handler
     with pytest.raises(KeyboardInterrupt):
         run_sweep(experiment, results_dir=tmp_path / "results")
-    assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+    assert sent and signal.getsignal(signal.SIGINT) is before   # the handler that was there, restored
     monkeypatch.undo()
     summary = run_sweep(experiment, results_dir=tmp_path / "results")
     assert (summary.done, summary.ran_here) == (2, 1), "the first trial was stored complete, not re-run"
@@ -142,9 +143,23 @@ def test_ctrl_c_while_optuna_stores_a_finished_trial_waits_until_it_is_stored(tm
     assert len(df) == 4 and not df.duplicated(["trial", "seed"]).any()
 
 
-def test_sigint_guard_holds_ctrl_c_outside_work_and_gives_way_to_a_second():
+@pytest.fixture
+def sigint_handler():
+    """A SIGINT handler of the test's own (raising KeyboardInterrupt), whatever the suite inherited
+    (started as a background job, it inherits SIGINT ignored), put back as it was after: a guard
+    must restore the handler that was there before it, not Python's default."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    yield handler
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_guard_holds_ctrl_c_outside_work_and_gives_way_to_a_second(sigint_handler):
     from attnbench.sweep import SigintGuard
 
+    before = sigint_handler
     with SigintGuard() as guard:
         os.kill(os.getpid(), signal.SIGINT)        # bookkeeping: held
         assert guard.pending
@@ -157,7 +172,7 @@ def test_sigint_guard_holds_ctrl_c_outside_work_and_gives_way_to_a_second():
         with pytest.raises(KeyboardInterrupt):     # a second one while one is held: at once
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):

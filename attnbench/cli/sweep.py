@@ -4,8 +4,10 @@ progress display, and ``--dry-run``'s plan table.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 from rich.markup import escape
@@ -94,10 +96,8 @@ def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index
         with display:
             summary = sweep.run_sweep(experiment, results_dir=results_dir, storage=storage, device=device,
                                       worker_index=worker_index, display=display, retry_failed=retry_failed)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted:[/] finished trials are stored; run the same command again "
-                          "to resume.")
-        sys.exit(130)
+    except KeyboardInterrupt as err:   # Ctrl-C or SIGTERM (sweep.Interrupted)
+        _interrupted(getattr(err, "signum", signal.SIGINT))
     except ExperimentRefused as err:
         _refuse(err)
     except sweep.StorageError as err:
@@ -116,12 +116,18 @@ def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index
     console.print(f"next: [bold]attnbench report --results {escape(printable(results_dir))}[/]", highlight=False)
 
 
+def _interrupted(signum: int) -> "NoReturn":  # noqa: F821
+    """The one message of a sweep stopped by SIGINT or SIGTERM; exit 128 + the signal (130, 143)."""
+    err_console.print(f"[yellow]interrupted ({signal.Signals(signum).name}):[/] finished trials are stored; run "
+                      f"the same command again to resume.", highlight=False)
+    sys.exit(128 + signum)
+
+
 def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, device: str, workers: int,
                  first_index, retry_failed: bool) -> None:
     """Start ``workers`` local processes on one study; each pulls trials from the shared storage.
-    Exits with the most telling of their statuses: 130 if interrupted, else 2, 1, 0."""
-    import subprocess
-
+    Exits with the most telling of their statuses: 128 + the signal if interrupted (130, 143),
+    else 2, 1, 0."""
     from attnbench import sweep
 
     url = sweep.storage_url(experiment, results_dir, storage)
@@ -137,20 +143,50 @@ def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, 
     # Without --worker-index each worker takes the study's next free slot for its sampler seed, so
     # workers started with --workers on several machines never share a seed.
     indices = [[] if first_index is None else ["--worker-index", str(first_index + i)] for i in range(workers)]
-    procs = [subprocess.Popen(command + extra) for extra in indices]
-    try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            p.wait()
-        sys.exit(130)
-    for code in (130, 2, 1):
+    codes, stopped = _start_and_wait([command + extra for extra in indices])
+    if stopped is not None:
+        _interrupted(stopped)
+    for code in (130, 143, 2, 1):
         if code in codes:
             err_console.print(f"{codes.count(code)} of {workers} workers exited with status {code} "
                               f"(statuses {codes})", highlight=False)
             sys.exit(code)
     if any(codes):
         fail(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error (statuses {codes})")
+
+
+def _start_and_wait(commands: list[list[str]]) -> tuple[list[int], Optional[int]]:
+    """Run the worker commands and wait for every one: (their exit statuses, the stop signal
+    this process received, or None). SIGINT or SIGTERM to this process is passed on to each
+    worker (each stores its finished trials and marks the one it cut short) and the workers are
+    waited for, so none is left training as an orphan. The workers run in their own process
+    group: Ctrl-C in the terminal reaches them once, through this process."""
+    import subprocess
+
+    received: list[int] = []
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for signum, handler in previous.items():
+            if handler is not signal.SIG_IGN:   # an inherited "ignore" stays (nohup, background jobs)
+                signal.signal(signum, forward)
+        for command in commands:
+            procs.append(subprocess.Popen(command, process_group=0))
+            if received:   # a signal while starting them: the rest are not started
+                forward(received[-1], None)
+                break
+        codes = [p.wait() for p in procs]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return codes, (received[0] if received else None)
 
 
 def _print_plan(checked) -> None:

@@ -491,7 +491,7 @@ def _markdown(frame: pd.DataFrame, columns: Sequence[str]) -> str:
         line = lambda cells: "| " + " | ".join(map(_markdown_cell, cells)) + " |"  # noqa: E731
         parts += [f"**{_markdown_cell(_title(rows, study))}**", "", line(map(_one_line, headers)),
                   "|" + "|".join("---" if c == "config" else "---:" for c in columns) + "|",
-                  *(line(cells) for cells in body), "", _markdown_cell(_legend(rows, columns)), ""]
+                  *(line(cells) for cells in body), "", _markdown_prose(_legend(rows, columns)), ""]
     return "\n".join(parts)
 
 
@@ -499,6 +499,12 @@ def _markdown_cell(text: str) -> str:
     """User text in a Markdown table cell: HTML escaped (a label ``<script>`` stays text), ``|``
     escaped (it would end the cell), line breaks and other control characters as escapes."""
     return printable(html.escape(text, quote=False)).replace("|", "\\|").replace("*", "\\*")
+
+
+def _markdown_prose(text: str) -> str:
+    """The legend below a Markdown table: our prose ("p < 0.05" stays as it reads), with a label
+    quoted in it unable to open an HTML tag."""
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", printable(text))
 
 
 def _stored(columns: Sequence[str]) -> list[str]:

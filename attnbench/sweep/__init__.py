@@ -11,7 +11,7 @@ written once: nothing lost, nothing doubled. Several workers may share one study
 samplers, worker slots, trial keys, progress and re-queues; ``trial``: one trial and who owns
 its result file; ``loop``: the check, the loop over trials and Ctrl-C.
 """
-from attnbench.sweep.loop import SigintGuard, SweepDisplay, SweepSummary, TrialFailure, run_sweep
+from attnbench.sweep.loop import STOP_SIGNALS, Interrupted, SigintGuard, SweepDisplay, SweepSummary, TrialFailure, run_sweep
 from attnbench.sweep.storage import (GRACE_S, HEARTBEAT_S, StorageError, StorageLock, heartbeat_settings,
                                      storage_url, study_lock)
 from attnbench.sweep.study import (ERROR_ATTR, EXPERIMENT_ATTR, INTERRUPTED_ATTR, RETRY_ATTR, SLOT_ATTR,
@@ -19,7 +19,7 @@ from attnbench.sweep.study import (ERROR_ATTR, EXPERIMENT_ATTR, INTERRUPTED_ATTR
                                    requeue_failures, study_progress, trial_key, worker_sampler_seed)
 from attnbench.sweep.trial import TrialContext, TrialFailed, TrialTakenOver, plan, run_trial
 
-__all__ = ["SweepSummary", "SweepDisplay", "SigintGuard", "TrialFailure", "open_study", "run_sweep", "storage_url",
+__all__ = ["SweepSummary", "SweepDisplay", "SigintGuard", "Interrupted", "STOP_SIGNALS", "TrialFailure", "open_study", "run_sweep", "storage_url",
            "trial_key", "study_progress", "StudyProgress", "StorageLock", "StorageError", "study_lock",
            "claim_worker_slot", "heartbeat_settings", "worker_sampler_seed", "plan", "run_trial", "TrialContext",
            "TrialFailed", "TrialTakenOver", "fail_orphaned_trials", "requeue_failures", "HEARTBEAT_S", "GRACE_S",

@@ -20,9 +20,10 @@ from attnbench import measure
 from attnbench.experiment import Experiment
 from attnbench.experiment_check import check_experiment
 from attnbench.sweep.storage import StorageLock, heartbeat_settings, storage_url, study_lock
-from attnbench.sweep.study import (ERROR_ATTR, StudyProgress, claim_worker_slot, fail_orphaned_trials, make_sampler,
-                                   open_study, quiet_optuna, requeue, requeue_failures, study_progress, trial_by_number,
-                                   trial_key, was_taken_over, worker_sampler_seed)
+from attnbench.sweep.study import (ERROR_ATTR, INTERRUPTED_ATTR, StudyProgress, claim_worker_slot,
+                                   fail_orphaned_trials, make_sampler, open_study, quiet_optuna, requeue,
+                                   requeue_failures, study_progress, trial_by_number, trial_key, was_taken_over,
+                                   worker_sampler_seed)
 from attnbench.sweep.trial import TrialContext, TrialFailed, TrialTakenOver, run_trial
 
 
@@ -77,7 +78,8 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
     Raises:
         ExperimentRefused: the experiment cannot run (one line per problem); nothing written.
         StorageError: the storage cannot be opened.
-        KeyboardInterrupt: Ctrl-C; finished trials are stored, the one cut short runs again later.
+        Interrupted: SIGINT (Ctrl-C) or SIGTERM, a KeyboardInterrupt; finished trials are stored,
+            the one cut short runs again at once on a resume.
     """
     checked = check_experiment(experiment, device=device, results_dir=results_dir)
     with quiet_optuna():
@@ -150,41 +152,59 @@ def _sweep_loop(study: optuna.Study, ctx: TrialContext, claim: StorageLock, sigi
     return ran
 
 
+class Interrupted(KeyboardInterrupt):
+    """A sweep stopped by SIGINT (Ctrl-C) or SIGTERM (what a scheduler or supervisor sends before
+    it kills): finished trials are stored, the one cut short is marked to run again at once.
+    ``signum`` is the signal; a command exits with ``128 + signum`` (130, 143)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class SigintGuard:
-    """Ctrl-C stops a trial's own work at once, but waits out Optuna's bookkeeping around it.
+    """Ctrl-C (and SIGTERM, handled the same way) stops a trial's own work at once, but waits out
+    Optuna's bookkeeping around it.
 
     Optuna's ``_run_trial`` cannot take a KeyboardInterrupt that arrives after the objective has
     returned, while it tells the storage (it fails with an UnboundLocalError, and the process
-    exits 1 with a traceback instead of 130). So, while installed (main thread only), SIGINT
-    raises KeyboardInterrupt only inside :meth:`work`; elsewhere it is held, and :meth:`check`
-    raises it at the next safe point. A second SIGINT while one is held raises at once (a
-    storage that hangs must not make Ctrl-C useless).
+    exits 1 with a traceback instead of 130). So, while installed (main thread only), SIGINT or
+    SIGTERM raises :class:`Interrupted` only inside :meth:`work`; elsewhere it is held, and
+    :meth:`check` raises it at the next safe point. A second signal while one is held raises at
+    once (a storage that hangs must not make Ctrl-C useless). A signal the process inherited as
+    ignored (``nohup``, a background job of a script) stays ignored, as Python itself leaves it.
     """
 
     def __init__(self) -> None:
-        self.pending = False
+        self.pending: Optional[int] = None   # the signal held, if any
         self._open = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "SigintGuard":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in STOP_SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self._open or self.pending:
+        if self._open or self.pending is not None:
             self._open = False          # raised once: the bookkeeping that follows is held again
-            raise KeyboardInterrupt
-        self.pending = True
+            self.pending = None
+            raise Interrupted(signum)
+        self.pending = signum
 
     @contextlib.contextmanager
     def work(self):
-        """The region where Ctrl-C interrupts at once (a trial's training and measuring)."""
+        """The region where a stop signal interrupts at once (a trial's training and measuring)."""
         self.check()
         self._open = True
         try:
@@ -193,10 +213,10 @@ class SigintGuard:
             self._open = False
 
     def check(self) -> None:
-        """Raise the held Ctrl-C, if any."""
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
+        """Raise the held signal, if any."""
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum)
 
 
 def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, sigint: SigintGuard,
@@ -211,6 +231,9 @@ def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, si
         try:
             with sigint.work():
                 return run_trial(ctx, trial)
+        except KeyboardInterrupt:   # wherever in the trial it landed: marked, so it runs again at once
+            trial.set_user_attr(INTERRUPTED_ATTR, True)   # (a signal now is held by the guard)
+            raise
         except Exception as err:
             started["raised"] = err
             raise
