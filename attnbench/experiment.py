@@ -63,6 +63,8 @@ CONFIG_FIELDS = ("label", "variant", "options", "search")   # the fields of one 
 #: TrainConfig fields a sweep sets itself, per seed and per worker.
 _TRAIN_SET_BY_SWEEP = {"seed": "the sweep trains once per entry of 'seeds'",
                        "device": "the device is chosen on the command line (--device)"}
+#: Experiment fields that do not decide a trial's outcome (a resume may change them).
+_NOT_DECISIVE = ("name", "source", "description", "trials", "timeout_s", "storage")
 _SHOWN_CHARS = 80   # a value echoed in an error is cut here: one line, even for a file of garbage
 
 
@@ -238,13 +240,17 @@ class Experiment:
         grid = self._grid_configs() if self.sampler == "grid" else {}
         return grid[choice][0].label if choice in grid else self._config(choice).label
 
+    def decisive(self) -> dict[str, Any]:
+        """Everything that decides a trial's outcome, as plain JSON values: every field but the
+        name, the file's path and description, the budget and where the study is stored (a field
+        added to the experiment is decisive unless listed here)."""
+        decisive = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_DECISIVE}
+        return json.loads(json.dumps(decisive, sort_keys=True, default=str))
+
     def fingerprint(self) -> str:
-        """A short hash of everything that decides a trial's outcome (not the name, the budget or
-        where the study is stored): a failed trial from another fingerprint failed under a file
-        since changed, so a sweep runs it again."""
-        decisive = {k: v for k, v in dataclasses.asdict(self).items()
-                    if k not in ("name", "source", "description", "trials", "timeout_s", "storage")}
-        text = json.dumps(decisive, sort_keys=True, default=str)
+        """A short hash of :meth:`decisive`: a failed trial from another fingerprint failed under a
+        file since changed, so a sweep runs it again."""
+        text = json.dumps(self.decisive(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _config(self, label: str) -> VariantConfig:

@@ -231,5 +231,5 @@ def test_docs_table_names_every_field_the_parser_accepts():
         assert f"variants[].{field}" in rows, f"docs/experiments.md has no row for 'variants[].{field}'"
     pruning = next(line for line in docs.splitlines() if line.startswith("| `pruning` |"))
     assert "| `false` |" in pruning, "the table says pruning is off by default"
-    for status in ("0", "1", "2", "130"):
+    for status in ("0", "1", "2", "3", "130", "143"):
         assert re.search(rf"^\| {status} \| ", docs, flags=re.MULTILINE), f"exit status {status} is not described"

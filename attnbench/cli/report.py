@@ -60,7 +60,8 @@ def report_command(results_dir: Path, studies, labels, variants, filters, sort, 
         chosen = report.check_view_columns(frame, columns.split(",")) if columns and not trials.empty else None
     except report.ReportError as err:
         fail(str(err))
-    for warning in [] if trials.empty else report.baseline_warnings(frame):
+    shown = trials if trials.empty else trials[trials["study"].isin(frame["study"])]
+    for warning in [] if trials.empty else report.consistency_warnings(shown) + report.baseline_warnings(frame):
         _show_warning(warning, UserWarning, "", 0)
     notes = err_console if fmt != "table" and out is None else console
     if trials.empty:

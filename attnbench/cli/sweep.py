@@ -37,8 +37,10 @@ def sweep_command(experiment_file: Path, storage, results_dir: Path, device: str
                   worker_index: int, retry_failed: bool) -> None:
     """Run (or resume) the Optuna study described by EXPERIMENT_FILE.
 
-    Exit status: 0 every trial finished, 1 some failed (named with their reasons), 2 the experiment
-    was refused (nothing written), 130 interrupted (run the same command again to resume).
+    Exit status: 0 every trial finished, 1 some failed (named with their reasons) or the store
+    audit found a problem, 2 the experiment was refused (nothing written; a resume of a changed
+    experiment too), 3 budget.timeout_s ended the sweep with trials left, 130 (SIGINT) or 143
+    (SIGTERM) interrupted (run the same command again to resume).
     """
     from attnbench.experiment import ExperimentError, load_experiment
     from attnbench.experiment_check import ExperimentRefused, check_experiment
@@ -106,6 +108,9 @@ def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index
     console.print(f"study [bold]{escape(printable(summary.study))}[/]: {summary.done} trials finished "
                   f"({summary.failed} failed{pruned}), {summary.ran_here} run now; rows in "
                   f"{escape(printable(summary.results))}/trials; storage {escape(printable(summary.storage))}", highlight=False)
+    if summary.audit is not None:
+        (console if not summary.audit.problems else err_console).print(escape(printable(summary.audit.line())),
+                                                                       highlight=False, soft_wrap=True)
     if summary.failures:
         for failure in summary.failures:
             err_console.print(f"[red]failed:[/] trial {failure.key} ({escape(printable(failure.label))}): "
@@ -113,6 +118,14 @@ def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index
         err_console.print("fix the cause and run the same command again (with --retry-failed if the experiment "
                           "file is unchanged)", highlight=False)
         sys.exit(1)
+    if summary.audit is not None and summary.audit.problems:
+        err_console.print("the store does not hold one row per (trial, seed); see the audit above", highlight=False)
+        sys.exit(1)
+    if summary.timed_out:
+        err_console.print(f"[yellow]time budget:[/] budget.timeout_s ({experiment.timeout_s:g} s) ended the sweep "
+                          f"with {summary.done} of {summary.target} trials finished; run the same command again to "
+                          f"go on", highlight=False)
+        sys.exit(3)
     console.print(f"next: [bold]attnbench report --results {escape(printable(results_dir))}[/]", highlight=False)
 
 
@@ -130,14 +143,21 @@ def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, 
     else 2, 1, 0."""
     from attnbench import sweep
 
+    from attnbench.experiment_check import ExperimentRefused
+    from attnbench.sweep.resume import check_resume
+
     url = sweep.storage_url(experiment, results_dir, storage)
     try:
         study = sweep.open_study(experiment, url, experiment.sampler_seed)   # once, before the workers race
+        with sweep.study_lock(url, experiment.name):
+            check_resume(study, experiment, results_dir / experiment.name, sweep.storage.redact(url))
         if retry_failed:   # here, once: each worker queuing them again would run them several times
             with sweep.study_lock(url, experiment.name):
                 sweep.requeue_failures(study, experiment, everything=True)
     except sweep.StorageError as err:
         fail(str(err))
+    except ExperimentRefused as err:
+        _refuse(err)
     command = [sys.executable, "-m", "attnbench.cli", "sweep", str(experiment_file), "--storage", url,
                "--results", str(results_dir), "--device", device]
     # Without --worker-index each worker takes the study's next free slot for its sampler seed, so
@@ -146,7 +166,7 @@ def _run_workers(experiment_file: Path, experiment, storage, results_dir: Path, 
     codes, stopped = _start_and_wait([command + extra for extra in indices])
     if stopped is not None:
         _interrupted(stopped)
-    for code in (130, 143, 2, 1):
+    for code in (130, 143, 2, 1, 3):
         if code in codes:
             err_console.print(f"{codes.count(code)} of {workers} workers exited with status {code} "
                               f"(statuses {codes})", highlight=False)

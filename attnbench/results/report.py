@@ -32,7 +32,8 @@ from attnbench.terminal import printable
 from attnbench.variant import did_you_mean
 
 __all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "TABLE_PRIORITY", "FORMATS", "Results", "load_results",
-           "load_store", "prepare_trials", "summarize", "baseline_warnings", "pareto_front", "select", "apply_filter",
+           "load_store", "prepare_trials", "summarize", "baseline_warnings", "consistency_warnings", "pareto_front",
+           "select", "apply_filter",
            "check_columns", "check_view_columns", "rich_tables", "export", "html_page"]
 
 BASELINE = "softmax"   #: default baseline label (used when a study has it)
@@ -251,6 +252,54 @@ def baseline_warnings(summary: pd.DataFrame) -> list[str]:
                        f"({int(base['failed'].iloc[0])} failed, {int(base['pruned'].iloc[0])} pruned), so no "
                        f"configuration is compared with it")
     return out
+
+
+#: Settings one study's rows must share (train_config: all but the per-seed fields); data options
+#: and the architecture may differ between configurations (a swept image size) but not within one.
+_SHARED_TRAIN_IGNORED = ("seed", "device")
+#: A column that says which named point of a study a row belongs to (rows of different points may
+#: differ in any setting on purpose), if the store has one.
+_POINT_COLUMNS = ("point",)
+
+
+def consistency_warnings(trials: pd.DataFrame) -> list[str]:
+    """One line per study whose rows ran under different training settings (or, within one
+    configuration, different data options or architectures): a study resumed after its file
+    changed, or result files copied together. Their comparisons would mix the two without a word."""
+    out = []
+    if trials.empty or "study" not in trials:
+        return out
+    points = [c for c in _POINT_COLUMNS if c in trials]
+    for keys, rows in trials.groupby(["study", *points], sort=False, dropna=False):
+        study = keys[0] if isinstance(keys, tuple) else keys
+        found = []
+        if "train_config" in rows:
+            found += _differing_keys(rows["train_config"], "train", _SHARED_TRAIN_IGNORED)
+        for column, field in (("data_options", "data.options"), ("arch", "model.arch")):
+            if column in rows and "label" in rows:
+                for _, group in rows.groupby("label", sort=False, dropna=False):
+                    found += [f for f in (_differing_keys(group[column], field) if column == "data_options"
+                                          else [field] if group[column].dropna().nunique() > 1 else [])
+                              if f not in found]
+        if found:
+            out.append(f"study '{study}': its rows ran under different settings ({', '.join(found[:6])}); its "
+                       f"configurations are compared across them (resumed after the file changed, or files "
+                       f"copied together?)")
+    return out
+
+
+def _differing_keys(column: pd.Series, field: str, ignored: Sequence[str] = ()) -> list[str]:
+    """``field.key`` for each key whose value differs between the JSON objects of ``column``."""
+    values: dict[str, set] = {}
+    for text in column.dropna().unique():
+        try:
+            parsed = json.loads(text)
+        except (TypeError, ValueError):
+            continue
+        for key, value in (parsed.items() if isinstance(parsed, dict) else ()):
+            if key not in ignored:
+                values.setdefault(key, set()).add(json.dumps(value, sort_keys=True))
+    return [f"{field}.{key}" for key, seen in sorted(values.items()) if len(seen) > 1]
 
 
 def pareto_front(score: Sequence[float], cost: Sequence[float]) -> np.ndarray:

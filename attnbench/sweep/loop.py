@@ -19,7 +19,8 @@ from optuna.trial import FrozenTrial, TrialState
 from attnbench import measure
 from attnbench.experiment import Experiment
 from attnbench.experiment_check import check_experiment
-from attnbench.sweep.storage import StorageLock, heartbeat_settings, storage_url, study_lock
+from attnbench.sweep.resume import Audit, audit_end, audit_start, check_resume
+from attnbench.sweep.storage import StorageLock, heartbeat_settings, redact, storage_url, study_lock
 from attnbench.sweep.study import (ERROR_ATTR, INTERRUPTED_ATTR, StudyProgress, claim_worker_slot,
                                    fail_orphaned_trials, make_sampler, open_study, quiet_optuna, requeue,
                                    requeue_failures, study_progress, trial_by_number, trial_key, was_taken_over,
@@ -48,6 +49,9 @@ class SweepSummary:
     pruned: int = 0
     failures: list[TrialFailure] = dataclasses.field(default_factory=list)
     retried: int = 0         # failed trials queued again at the start (see requeue_failures)
+    audit: Optional[Audit] = None   # the store checked at the end: one row per (trial, seed)
+    timed_out: bool = False  # budget.timeout_s ended the sweep with trials of the budget left
+    rerun: int = 0           # complete trials whose result file was missing or unreadable, run again
 
 
 def _worker_name() -> str:
@@ -82,37 +86,46 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
             the one cut short runs again at once on a resume.
     """
     checked = check_experiment(experiment, device=device, results_dir=results_dir)
+    results = results_dir / experiment.name
     with quiet_optuna():
         url = storage_url(experiment, results_dir, storage)
         study = open_study(experiment, url, worker_sampler_seed(experiment, worker_index or 0))
+        claim = study_lock(url, experiment.name)
+        with claim:   # before this worker writes anything to the study
+            check_resume(study, experiment, results, redact(url))
         if worker_index is None:
             worker_index = claim_worker_slot(study, url)
             study.sampler = make_sampler(experiment, worker_sampler_seed(experiment, worker_index))
         if experiment.multi_objective:
             study.set_metric_names([o.metric for o in experiment.objectives])
         env = measure.environment(checked.device, threads=experiment.measure.threads)
-        ctx = TrialContext(experiment, results_dir / experiment.name, checked.data, device=checked.device,
+        ctx = TrialContext(experiment, results, checked.data, device=checked.device,
                            sampler_seed=worker_sampler_seed(experiment, worker_index), worker=_worker_name(),
                            environment=env, storage_url=url)
         target = experiment.n_trials()
         deadline = time.monotonic() + experiment.timeout_s if experiment.timeout_s else math.inf
         # Checking for room and creating the trial happen under one lock shared by all workers, so
         # together they start no more trials than the budget; the lock is let go once the trial exists.
-        claim = study_lock(url, experiment.name)
         with claim:
             retried = requeue_failures(study, experiment, everything=retry_failed)
+            lost = audit_start(study, results)
         if display:
             for t in retried:
                 display.log(f"trial {trial_key(t)} ({t.user_attrs.get('label', '')}) failed before; it runs again")
+            for t, reason in lost:
+                display.log(f"trial {trial_key(t)} ({t.user_attrs.get('label', '')}) is complete in the study but "
+                            f"{reason}; it runs again")
         with SigintGuard() as sigint:
             ran = _sweep_loop(study, ctx, claim, sigint, deadline, target, display, wait_for_others)
         state = study_progress(study)
         failures = [TrialFailure(trial_key(t), str(t.user_attrs.get("label", "")),
                                  str(t.user_attrs.get(ERROR_ATTR, ""))) for t in state.failures]
+        audit = audit_end(study, experiment, results)
     if display:
         display.update(study, state, target)
+    timed_out = time.monotonic() >= deadline and target is not None and state.done < target
     return SweepSummary(experiment.name, url, ctx.results, state.done, state.failed, target, ran, state.pruned,
-                        failures, len(retried))
+                        failures, len(retried), audit=audit, timed_out=timed_out, rerun=len(lost))
 
 
 def _sweep_loop(study: optuna.Study, ctx: TrialContext, claim: StorageLock, sigint: "SigintGuard",

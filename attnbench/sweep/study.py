@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import os
 import warnings
 
 import optuna
@@ -18,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from attnbench.experiment import Experiment
 from attnbench.sweep.storage import (StorageError, StorageLock, heartbeat_settings, make_storage, redact,
-                                     schema_ready, study_lock, with_retries)
+                                     schema_ready, sqlite_path, study_lock, with_retries)
 
 RETRY_ATTR = "attnbench_retry_of"        # user attr: the key of the trial this one re-runs
 INTERRUPTED_ATTR = "attnbench_interrupted"
@@ -54,6 +55,10 @@ def open_study(experiment: Experiment, url: str, sampler_seed: int) -> optuna.St
     # Pruning is off unless the file asks (a study of one objective only; the parser enforces it).
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if experiment.pruning
               else optuna.pruners.NopPruner())
+    database = sqlite_path(url)
+    if database and os.path.isfile(database) and os.path.getsize(database) == 0:
+        raise StorageError(f"storage '{database}' is an empty file (0 bytes), not a study database; move it away "
+                           f"to start the study anew (a new study would overwrite the result files beside it)")
     directions = [optuna.study.StudyDirection.MAXIMIZE if o.direction == "maximize"
                   else optuna.study.StudyDirection.MINIMIZE for o in experiment.objectives]
     try:
