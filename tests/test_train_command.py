@@ -47,7 +47,7 @@ def test_a_diverged_run_exits_1_and_is_named(tmp_path):
     (["castling:threshold=7"], "option 'threshold' got 7, expected a number in (0, 1)"),
     (["castling:threshold"], "unknown variant 'castling:threshold'"),   # read as distribution:variant
     (["threshold=0.1"], "run 'threshold=0.1': expected VARIANT or VARIANT:KEY=VALUE"),
-    (["--lr", "-1"], "TrainConfig: lr must be > 0"),
+    (["--lr", "-1"], "TrainConfig: lr must be a finite number > 0"),
     (["--device", "gpu"], "--device 'gpu': "),
     (["--data-option", "img_sz=8"], "dataset 'digits': unknown option 'img_sz'; did you mean 'img_size'?"),
     (["--dataset", "digitz"], "unknown dataset 'digitz'"),
