@@ -38,7 +38,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from attnbench.registry import VariantError, get_variant, list_variants
+from attnbench.registry import VariantError, get_variant
 from attnbench.results.schema import OBJECTIVES
 from attnbench.variant import OptionSpec, did_you_mean, option_specs, parse_options
 

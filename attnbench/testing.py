@@ -341,7 +341,7 @@ def run_checks(variant: str, options: Optional[dict] = None) -> list[CheckResult
             check(variant, dict(options or {}))
         except AssertionError as err:
             results.append(CheckResult(check.__name__, False, str(err)))
-        except Exception as err:  # a crash is a failed check, reported in one line
+        except Exception as err:  # noqa: BLE001 - a crash is a failed check, reported in one line
             where = traceback.extract_tb(err.__traceback__)[-1]
             results.append(CheckResult(check.__name__, False,
                                        f"{type(err).__name__}: {err} ({where.filename}:{where.lineno})"))

@@ -1,5 +1,11 @@
+import shutil
+import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/references.py and other test helpers
 
@@ -22,13 +28,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --- a throwaway PostgreSQL server (scripts/pg-throwaway.sh), for the scale-out tests -------------
-
-import shutil
-import subprocess
-import tempfile
-import uuid
-
-import pytest
 
 _PG_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pg-throwaway.sh"
 

@@ -19,7 +19,8 @@ def _heads(layer, x):
     if layer.qkv.bias is not None:
         qkv = qkv + layer.qkv.bias
     q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
-    split = lambda t: [[t[b, :, i * d:(i + 1) * d] for i in range(h)] for b in range(B)]
+    def split(t):
+        return [[t[b, :, i * d:(i + 1) * d] for i in range(h)] for b in range(B)]
     q, k = split(q), split(k)
     q = [[layer.q_norm(t) for t in row] for row in q]
     k = [[layer.k_norm(t) for t in row] for row in k]

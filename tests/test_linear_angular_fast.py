@@ -105,7 +105,8 @@ def test_zero_tokens_give_no_nan():
     q.data[:, :, 5] = 0
     weight = torch.randn(2, 1, 9, 1)
     for options in CORE_OPTIONS:
-        run = lambda fn: (lambda q, k, v, w: fn(q, k, v, conv_weight=w, **options))
+        def run(fn, options=options):
+            return lambda q, k, v, w: fn(q, k, v, conv_weight=w, **options)
         out_fast, grads_fast = _grads_of(run(la.linear_angular_fast), [q, k, v, weight])
         out_ref, grads_ref = _grads_of(run(la.linear_angular_naive), [q, k, v, weight])
         assert torch.isfinite(out_fast).all() and all(torch.isfinite(g).all() for g in grads_fast)

@@ -131,7 +131,7 @@ def test_seeds_that_differ_get_welch(tmp_path):
     linear = _row(summary, "linear", "s")
     assert linear["test"] == "welch" and linear["n_pairs"] == 0 and linear["p_raw"] == linear["p_welch"]
     markdown = report.export(summary, "markdown")
-    assert f"| yes | [" in markdown and f"| {linear['p_holm']:.2g} |" in markdown and "| Welch |" in markdown
+    assert "| yes | [" in markdown and f"| {linear['p_holm']:.2g} |" in markdown and "| Welch |" in markdown
     assert "Welch's t-test where the seeds differ" in markdown and "paired t-test" not in markdown
 
 

@@ -113,7 +113,7 @@ def test_many_configurations_get_a_rule_every_five_rows(summary):
 
 
 def test_cli_wide_and_columns(results):
-    run = lambda *args: CliRunner().invoke(main, ["report", "--results", str(results), "--no-plots", *args],  # noqa
+    run = lambda *args: CliRunner().invoke(main, ["report", "--results", str(results), "--no-plots", *args],  # noqa: E731
                                            env={"COLUMNS": "80"})
     wide = run("--wide")
     assert wide.exit_code == 0, wide.output

@@ -95,7 +95,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again(tmp_path, pg_url):
     takes the trial over after the grace period; nothing lost or doubled; the report reads all."""
     results = tmp_path / "results"
     path = grid_of_12(tmp_path)
-    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(3)]
+    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(3)]  # noqa: SIM115 - closed in finally
     procs = [subprocess.Popen(sweep_command(path, pg_url, results), env=SHORT_HEARTBEAT, stdout=log,
                               stderr=subprocess.STDOUT)
              for log in logs]
@@ -150,7 +150,7 @@ def test_a_paused_worker_finds_its_trial_taken_over_and_writes_nothing(tmp_path,
     path = tmp_path / "paused.yaml"
     path.write_text(HEAD.format(name="paused").replace("max_steps: 2", "max_steps: 20") + "sampler: grid\n"
                     "variants: [softmax, identity]\n")
-    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
+    logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]  # noqa: SIM115 - closed in finally
     procs = [subprocess.Popen(sweep_command(path, pg_url, results), env=SHORT_HEARTBEAT, stdout=log,
                               stderr=subprocess.STDOUT) for log in logs]
     try:

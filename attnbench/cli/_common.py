@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,7 +17,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     """Print ``error: message`` on stderr and exit 2 (the message is shown as written, never as markup,
     its control characters escaped)."""
     err_console.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)

@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import click
 from rich.markup import escape
@@ -82,7 +82,7 @@ def _missing_plugin_hint(message: str, experiment_file: Path, results_dir: Path)
     return registry.missing_variant_hint(unknown.group(1), rows)
 
 
-def _refuse(refused) -> "NoReturn":  # noqa: F821
+def _refuse(refused) -> NoReturn:
     """Every problem of a refused experiment, one line each; exit 2."""
     for problem in refused.problems:
         err_console.print(f"[bold red]error:[/] {escape(printable(problem))}", highlight=False, soft_wrap=True)

@@ -52,12 +52,13 @@ from attnbench.data.base import DataError, DataSplits, ImageTensorDataset, strat
 from attnbench.data.registry import (FLIPS_OPTION, dataset_options, flips_preserve_labels, list_datasets,
                                      load_dataset, register_dataset)
 # Importing each source registers its data sets.
-from attnbench.data import cifar10, digits, idx, imagefolder  # noqa: E402,F401  (registration)
+from attnbench.data import cifar10, digits, idx, imagefolder  # noqa: F401 - importing registers
 from attnbench.data.generated import generate_marks, generate_pathfinder
 from attnbench.data.imagefolder import LazyImageDataset
 
 __all__ = [
     "DataError",
+    "FLIPS_OPTION",
     "DataSplits",
     "ImageTensorDataset",
     "LazyImageDataset",

@@ -38,7 +38,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any unpickling error is one line about the file
         raise DataError(f"cifar10: '{path}' could not be unpickled ({type(err).__name__}: {err}); "
                         f"expected {expected}") from None
     if not isinstance(batch, dict):

@@ -49,7 +49,7 @@ def _read_image(path: str, mode: str) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert(mode), dtype=np.uint8)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any decoder error is one line about the file
         raise DataError(f"imagefolder: '{path}' is not a readable image ({type(err).__name__}: {err})") from None
     return torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
 

@@ -319,8 +319,8 @@ def _mark_pareto(summary: pd.DataFrame) -> pd.DataFrame:
         rows = out["study"] == study
         for column, cost in (("pareto_macs", "macs"), ("pareto_latency", "latency_median_ms")):
             out.loc[rows, column] = pareto_front(out.loc[rows, "top1"], out.loc[rows, cost])
-    out["pareto"] = [", ".join(name for name, on in (("MACs", m), ("lat", l)) if on)
-                     for m, l in zip(out["pareto_macs"], out["pareto_latency"])]
+    out["pareto"] = [", ".join(name for name, on in (("MACs", m), ("lat", lat)) if on)
+                     for m, lat in zip(out["pareto_macs"], out["pareto_latency"])]
     return out
 
 

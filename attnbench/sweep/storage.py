@@ -166,7 +166,7 @@ def with_retries(make: Callable[[], Any], attempts: int = 8):
     for attempt in range(attempts):
         try:
             return make()
-        except Exception:  # noqa: BLE001 - the last attempt re-raises
+        except Exception:  # the last attempt re-raises
             if attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1) + (os.getpid() % 7) * 0.05)

@@ -73,7 +73,7 @@ def open_study(experiment: Experiment, url: str, sampler_seed: int) -> optuna.St
                 directions=[o.direction for o in experiment.objectives]))
     except StorageError:
         raise
-    except Exception as err:  # noqa: BLE001 - reported in one line
+    except Exception as err:  # re-raised as one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise StorageError(f"storage '{redact(url)}': {type(err).__name__}: {first}") from err
     if list(study.directions) != directions:

@@ -402,7 +402,7 @@ def _linear_angular_compiled(q, k, v, *, eps: float = 1e-6, constant: Constant =
                 _compiled = torch.compile(_fast, dynamic=False)
             out, prenorm = _compiled(q, k, v, *args, False, "shifted")
             return (out, prenorm) if return_prenorm else out
-        except Exception as err:  # no C compiler, unsupported device or backend, ...
+        except Exception as err:  # noqa: BLE001 - no C compiler, unsupported device or backend, ...
             _compile_failed = True
             first_line = str(err).splitlines()[0] if str(err) else ""
             warnings.warn(f"torch.compile of linear-angular attention failed ({type(err).__name__}: "
