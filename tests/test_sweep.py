@@ -448,3 +448,25 @@ def test_a_worker_whose_trial_was_taken_over_stores_nothing_and_goes_on(tmp_path
     assert len(df) == 4 and not df.duplicated(["trial", "seed"]).any()
     assert all(states[n] == TrialState.COMPLETE for n in df["optuna_trial"]), df[["trial", "optuna_trial"]]
     assert (df[df["trial"] == taken[0]]["worker"] == "other:1").all(), "the re-run's file stands"
+
+
+def test_failing_another_workers_trial_uses_tell_and_keeps_the_grid_sampler():
+    """A dead worker's trial is failed through the public Study.tell: no Study.stop() from the grid
+    sampler's hook (it would raise outside optimize), the study's sampler is put back, and a trial
+    finished meanwhile stays finished."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from attnbench.sweep.study import _fail_trial_of_another_worker
+
+    grid = optuna.samplers.GridSampler({"x": [0, 1]})
+    study = optuna.create_study(sampler=grid)
+    running = study.ask()
+    running.suggest_categorical("x", [0, 1])
+    done = study.ask()
+    done.suggest_categorical("x", [0, 1])
+    study.tell(done, 1.0)
+    for trial in study.get_trials():
+        _fail_trial_of_another_worker(study, trial)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.sampler is grid

@@ -212,12 +212,16 @@ def fail_orphaned_trials(study: optuna.Study) -> None:
 
 
 def _fail_trial_of_another_worker(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Mark a RUNNING trial of another (dead) worker FAIL.
+    """Mark a RUNNING trial of another (dead) worker FAIL, through ``Study.tell``.
 
-    The one place attnbench uses Optuna's private API: the public ``Study.tell(number,
-    state=FAIL)`` first runs the sampler's ``after_trial`` hook, and the grid sampler's calls
-    ``Study.stop()``, which raises outside ``Study.optimize``. Optuna's own
-    ``fail_stale_trials`` sets the state on the storage the same way.
+    ``tell`` first runs the sampler's ``after_trial`` hook, and the grid sampler's calls
+    ``Study.stop()``, which raises outside ``Study.optimize``; a random sampler's hook does nothing,
+    so it stands in for that one call (the study's own sampler is put back at once). A trial that
+    another worker finished meanwhile is left as it is.
     """
-    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    sampler, study.sampler = study.sampler, optuna.samplers.RandomSampler()
+    try:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    finally:
+        study.sampler = sampler
