@@ -6,7 +6,7 @@ milliseconds (``*_ms``), memory is bytes (``*_bytes``).
 - MACs: CPU SDPA is one fused op that counters see as zero, so every count runs under the SDPA
   math backend, which decomposes it into matmuls (see docs/measuring.md).
 - Latency: an explicit thread count (``torch.utils.benchmark.Timer`` defaults to one thread),
-  set with ``torch.utils.benchmark``'s thread control and timed with its synchronising clock
+  set for the call and restored after, timed with ``time.perf_counter`` through ``timeit``
   (on CUDA: CUDA events around each block, after a synchronisation);
   every callable warmed up before any is timed; under ``torch.inference_mode()``. Compare variants with :func:`time_interleaved` (round-robin
   blocks in one process) and repeat the whole in fresh processes: between processes CPU
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import logging
 import math
 import multiprocessing
 import os
@@ -193,6 +192,17 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count set to ``threads`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def time_interleaved(
     callables: Mapping[str, tuple[Callable, Inputs]],
     *,
@@ -210,10 +220,10 @@ def time_interleaved(
     at least one. Then ``repeats`` rounds each time one block of every callable, in an order
     rotated every round so that none always follows the same neighbour.
 
-    Threads are set with ``torch.utils.benchmark``'s ``set_torch_threads`` for the whole call
-    (restored after) and blocks are timed with its synchronising clock (it synchronises
-    accelerators), through ``timeit``: ``torch.utils.benchmark.Timer.timeit`` would add two
-    untimed calls to every block, tripling the cost of slow callables. All under
+    Threads are set with ``torch.set_num_threads`` for the whole call (restored after) and CPU
+    blocks are timed with ``time.perf_counter`` through ``timeit``:
+    ``torch.utils.benchmark.Timer.timeit`` would add two untimed calls to every block, tripling
+    the cost of slow callables. All under
     ``torch.inference_mode()``; modules are put in eval mode.
 
     Args:
@@ -230,12 +240,8 @@ def time_interleaved(
     Returns:
         name -> :class:`Latency`.
     """
-    # Lazy: torch.utils.benchmark imports cpp_extension, which logs a CUDA_HOME warning.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import time
     import timeit
-
-    from torch.utils.benchmark.utils.common import set_torch_threads
-    from torch.utils.benchmark.utils.timer import timer as clock
 
     threads = int(threads or default_threads())
     if threads < 1 or warmup < 0 or repeats < 1:
@@ -248,7 +254,7 @@ def time_interleaved(
             fn.eval()
         entries[name] = (fn, _as_tuple(inputs))
 
-    with set_torch_threads(threads), torch.inference_mode():
+    with torch_threads(threads), torch.inference_mode():
         blocks, numbers = {}, {}
         for name in names:  # warm up every callable and shape before timing any
             fn, inputs = entries[name]
@@ -257,7 +263,7 @@ def time_interleaved(
             if _on_cuda(device):
                 blocks[name] = _CudaEventBlock(fn, inputs, device)
             else:
-                blocks[name] = timeit.Timer(stmt="fn(*inputs)", timer=clock, globals={"fn": fn, "inputs": inputs})
+                blocks[name] = timeit.Timer(stmt="fn(*inputs)", timer=time.perf_counter, globals={"fn": fn, "inputs": inputs})
             one_call_s = blocks[name].timeit(1)
             numbers[name] = max(1, math.ceil(min_block_ms / 1e3 / max(one_call_s, 1e-9)))
         times: dict[str, list[float]] = {name: [] for name in names}
