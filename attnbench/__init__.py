@@ -9,12 +9,24 @@ from attnbench.registry import (
     get_variant,
     list_variants,
     register_variant,
+    unregister_variant,
     variant_class,
     variant_info,
 )
-from attnbench.variant import AttentionVariant, OptionSpec, option_specs, preset
 
 __version__ = "0.1.0"
+
+# The variant contract imports torch; it is loaded on first use so that the command line (and
+# anything reading results) starts without torch.
+_FROM_VARIANT = ("AttentionVariant", "OptionSpec", "option_specs", "preset")
+
+
+def __getattr__(name: str):
+    if name in _FROM_VARIANT:
+        from attnbench import variant
+
+        return getattr(variant, name)
+    raise AttributeError(f"module 'attnbench' has no attribute '{name}'")
 
 __all__ = [
     "AttentionVariant",
@@ -27,6 +39,7 @@ __all__ = [
     "option_specs",
     "preset",
     "register_variant",
+    "unregister_variant",
     "variant_class",
     "variant_info",
 ]

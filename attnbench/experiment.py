@@ -40,7 +40,8 @@ import yaml
 
 from attnbench.registry import VariantError, get_variant
 from attnbench.results.schema import OBJECTIVES
-from attnbench.variant import OptionSpec, did_you_mean, option_specs, parse_options
+from attnbench.suggest import did_you_mean
+from attnbench.variant import OptionSpec, option_specs, parse_options
 
 __all__ = ["Experiment", "ExperimentError", "ParamSpec", "VariantConfig", "Objective", "MeasureSpec",
            "load_experiment", "parse_experiment", "METRICS", "SAMPLERS", "TOP_LEVEL_FIELDS"]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 from attnbench.experiment import DATA_PREFIX, Experiment, ExperimentError, ParamSpec, VariantConfig
 from attnbench.paths import folder_problem
-from attnbench.variant import did_you_mean
+from attnbench.suggest import did_you_mean
 
 __all__ = ["ExperimentRefused", "CheckedExperiment", "check_experiment", "data_loader", "resolve_device",
            "patch_problem"]

@@ -26,7 +26,8 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from attnbench import registry
-from attnbench.variant import AttentionVariant, did_you_mean
+from attnbench.suggest import did_you_mean
+from attnbench.variant import AttentionVariant
 
 __all__ = [
     "SMALL_MODELS",

@@ -16,12 +16,13 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "DEFAULT_PRECISION", "HALF_DTYPES", "check_precision", "torch_dtype", "autocast",
+from attnbench.precision_names import DEFAULT_PRECISION, PRECISION_NAMES, Precision
+
+__all__ = ["Precision", "PRECISIONS", "DEFAULT_PRECISION", "HALF_DTYPES", "check_precision", "torch_dtype", "autocast",
            "grad_scaler", "AutocastModule", "run_in_float32"]
 
 #: Every allowed precision and its torch dtype, in the order they are documented.
-PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_PRECISION = "float32"
+PRECISIONS: dict[str, torch.dtype] = {name: getattr(torch, name) for name in PRECISION_NAMES}
 #: The dtypes autocast computes in (everything in PRECISIONS but float32).
 HALF_DTYPES = tuple(dtype for dtype in PRECISIONS.values() if dtype != torch.float32)
 

@@ -2,16 +2,22 @@
 
 Variants are found through the ``attnbench.variants`` entry-point group (the built-in ones
 too) and loaded lazily, on first use. :func:`register_variant` adds a class in-process, for
-notebooks and tests.
+notebooks and tests, and :func:`unregister_variant` takes it away again.
+
+Importing this module imports neither torch nor the variant contract (``attnbench.variant``):
+listing and resolving names stays cheap for the command line; loading a class imports them.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from attnbench.variant import AttentionVariant, did_you_mean, option_specs, preset
+from attnbench.suggest import did_you_mean
+
+if TYPE_CHECKING:
+    from attnbench.variant import AttentionVariant
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -21,8 +27,7 @@ __all__ = [
     "register_variant",
     "list_variants",
     "variant_distributions",
-    "recorded_distributions",
-    "missing_variant_hint",
+    "unregister_variant",
     "get_variant",
     "variant_info",
     "build_attention",
@@ -64,6 +69,8 @@ class VariantInfo:
 
     @property
     def options(self):
+        from attnbench.variant import option_specs
+
         return option_specs(self.cls)
 
 
@@ -89,6 +96,18 @@ def register_variant(cls=None, *, name: Optional[str] = None):
         return variant_cls
 
     return add(cls) if cls is not None else add
+
+
+def unregister_variant(name: str) -> None:
+    """Take back a variant :func:`register_variant` added in this process (tests, notebooks);
+    the installed variant of that name, if any, is seen again.
+
+    Raises:
+        VariantError: no variant of that name was registered in-process.
+    """
+    if _local.pop(name, None) is None:
+        raise VariantError(f"no variant '{name}' is registered in-process")
+    _loaded.clear()   # also any "dist:name" spelling of it
 
 
 def refresh() -> None:
@@ -150,39 +169,6 @@ def variant_distributions() -> list[str]:
     return sorted({e.distribution for entries in _entries().values() for e in entries})
 
 
-def recorded_distributions(rows, variant: Optional[str] = None) -> list[str]:
-    """The distributions result rows say their variants came from (column ``variant_distribution``).
-
-    Args:
-        rows: a DataFrame of result rows with a ``variant`` column.
-        variant: only rows of this variant (``"dist:name"`` or ``name``); None: every row.
-
-    Returns:
-        Sorted distribution names; ``[]`` when the rows do not record them (older rows).
-    """
-    from attnbench.results.schema import names   # lazy: the registry is imported by every command
-
-    (column,) = names("variant_distribution")
-    if column not in getattr(rows, "columns", ()):
-        return []
-    if variant is not None and "variant" in rows.columns:
-        bare = variant.rpartition(":")[2]
-        rows = rows[rows["variant"].map(lambda v: str(v).rpartition(":")[2]) == bare]
-    return sorted({str(d) for d in rows[column].dropna() if str(d)})
-
-
-def missing_variant_hint(variant: str, rows) -> str:
-    """For an unknown-variant error about a study with earlier rows: which distribution ran
-    ``variant`` then, e.g. ``"; the study's rows ran 'hydra' from distribution 'attnbench-hydra'"``;
-    ``""`` when the rows do not say.
-    """
-    dists = recorded_distributions(rows, variant)
-    if not dists:
-        return ""
-    names = " or ".join(f"'{d}'" for d in dists)
-    return f"; the study's rows ran '{variant.rpartition(':')[2]}' from distribution {names} (is it installed?)"
-
-
 def _resolve(name: str) -> _Entry:
     dist, _, bare = name.rpartition(":")
     entries = _entries().get(bare)
@@ -207,6 +193,8 @@ def _resolve(name: str) -> _Entry:
 
 
 def _validate_class(name: str, distribution: str, obj: Any) -> None:
+    from attnbench.variant import AttentionVariant, option_specs
+
     if not (isinstance(obj, type) and issubclass(obj, AttentionVariant)):
         raise VariantError(f"variant '{name}' from distribution '{distribution}' is {obj!r}, "
                            f"not a subclass of attnbench.AttentionVariant")
@@ -232,7 +220,9 @@ def get_variant(name: str) -> type[AttentionVariant]:
         raise VariantError(f"variant '{entry.name}' from distribution '{entry.distribution}' "
                            f"failed to load ({entry.target}): {type(err).__name__}: {err}") from err
     _validate_class(entry.name, entry.distribution, obj)
-    obj.variant_name = entry.name
+    from attnbench.variant import remember_variant_name
+
+    remember_variant_name(obj, entry.name)
     _loaded[name] = obj
     return obj
 
@@ -253,6 +243,8 @@ def variant_class(variant: Union[str, type[AttentionVariant]], **options) -> typ
     cls = get_variant(variant) if isinstance(variant, str) else variant
     if not options:
         return cls
+    from attnbench.variant import preset
+
     return preset(cls, cls.description(), **options)
 
 

@@ -9,14 +9,16 @@ Subclasses implement :meth:`AttentionVariant.attend` (per-head core) and
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import numbers
 import operator
 import typing
+import weakref
 from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from torch import nn
+
+from attnbench.suggest import did_you_mean
 
 __all__ = [
     "AttentionVariant",
@@ -26,8 +28,26 @@ __all__ = [
     "option_specs",
     "parse_options",
     "preset",
-    "did_you_mean",
+    "variant_name",
 ]
+
+# The name the registry loaded each class under, kept here rather than written onto the class
+# (a plugin's class is its author's; two names may load the same class).
+_registered_names: "weakref.WeakKeyDictionary[type, str]" = weakref.WeakKeyDictionary()
+
+
+def remember_variant_name(cls: type, name: str) -> None:
+    """Record that the registry loaded ``cls`` as ``name`` (called by the registry only)."""
+    _registered_names[cls] = name
+
+
+def variant_name(cls: type) -> str:
+    """The name the registry loaded ``cls`` (or the nearest class it derives from) under; its
+    class name when it was never loaded through the registry."""
+    for klass in cls.__mro__:
+        if klass in _registered_names:
+            return _registered_names[klass]
+    return cls.__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +101,6 @@ class OptionSpec:
     def within_limits(self, value: Any) -> bool:
         compare = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
         return all(compare[key](value, bound) for key, bound in self.limits)
-
-
-def did_you_mean(word: str, candidates) -> str:
-    """A ``"; did you mean 'x'?"`` suffix naming the closest candidate, or ``""``."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 _KINDS = {bool: "bool", int: "int", float: "float", str: "str"}
@@ -158,7 +172,7 @@ def parse_options(cls: type["AttentionVariant"], options: dict[str, Any]):
     Raises:
         ValueError: naming the variant, the option and what is accepted.
     """
-    variant = cls.variant_name or cls.__name__
+    variant = variant_name(cls)
     specs = {spec.name: spec for spec in option_specs(cls)}
     merged = {**cls._bound_options, **options}
     for name in merged:
@@ -209,8 +223,6 @@ class AttentionVariant(nn.Module):
     """
 
     Options: ClassVar[type] = NoOptions
-    #: Name under which the registry loaded this class ("" when used directly).
-    variant_name: ClassVar[str] = ""
     #: Option defaults fixed by :func:`preset`.
     _bound_options: ClassVar[dict[str, Any]] = {}
     #: Whether ``forward`` honours ``attn_mask``; others refuse a mask rather than ignore it.
@@ -275,7 +287,7 @@ class AttentionVariant(nn.Module):
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
     def _label(self) -> str:
-        return self.variant_name or type(self).__name__
+        return variant_name(type(self))
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())

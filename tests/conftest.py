@@ -91,4 +91,4 @@ def registered():
 
     yield register
     for name in names:
-        registry._local.pop(name, None)
+        registry.unregister_variant(name)

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from attnbench import AttentionVariant, registry
-from attnbench.registry import VariantError, recorded_distributions, missing_variant_hint
+from attnbench.registry import VariantError
+from attnbench.results.variants import missing_variant_hint, recorded_distributions
 from attnbench.testing import VariantConformance, check_installed_copy, check_option_docs
 from attnbench.variant import option_specs, parse_options
 from test_registry import PLUGIN_MODULE
@@ -33,11 +34,10 @@ def guide_snippets() -> list[str]:
 
 @pytest.fixture
 def clean_registry():
-    local = dict(registry._local)
+    before = set(registry.list_variants(registry.LOCAL_DISTRIBUTION))
     yield
-    registry._local.clear()
-    registry._local.update(local)
-    registry.refresh()
+    for name in set(registry.list_variants(registry.LOCAL_DISTRIBUTION)) - before:
+        registry.unregister_variant(name)
 
 
 # ------------------------------------------------------------------------- options: limits and help

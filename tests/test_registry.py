@@ -129,7 +129,10 @@ def test_register_variant_in_process():
         assert get_variant("local-test-attn") is Local
         assert registry.variant_info("local-test-attn").distribution == registry.LOCAL_DISTRIBUTION
     finally:
-        registry._local.pop("local-test-attn")
+        registry.unregister_variant("local-test-attn")
+    assert "local-test-attn" not in list_variants()
+    with pytest.raises(VariantError, match="no variant 'local-test-attn' is registered in-process"):
+        registry.unregister_variant("local-test-attn")
 
 
 def test_variant_class_binds_options_for_timm():

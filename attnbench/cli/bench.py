@@ -6,7 +6,7 @@ from rich.markup import escape
 
 from attnbench import registry
 from attnbench.cli._common import console, err_console, fail
-from attnbench.precision import PRECISIONS
+from attnbench.precision_names import DEFAULT_PRECISION, PRECISION_NAMES
 
 
 @click.command("bench")
@@ -28,7 +28,7 @@ from attnbench.precision import PRECISIONS
 @click.option("--memory/--no-memory", default=True, show_default=True, help="Measure peak memory of one forward.")
 @click.option("--ops", default="compile", show_default=True,
               help="Built-in kernels: compile (torch.compile, eager fallback), fast (eager) or reference.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(PRECISIONS)),
+@click.option("--dtype", default=DEFAULT_PRECISION, show_default=True, type=click.Choice(PRECISION_NAMES),
               help="Precision of the timed forwards: float32, or bfloat16/float16 autocast (attnbench.precision).")
 def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, threads, repeats, samples, warmup,
                   device, out, memory, ops, dtype) -> None:

@@ -12,7 +12,6 @@ from typing import NoReturn, Optional
 import click
 from rich.markup import escape
 
-from attnbench import registry
 from attnbench.cli._common import console, err_console, fail
 from attnbench.terminal import printable
 
@@ -69,6 +68,7 @@ def _missing_plugin_hint(message: str, experiment_file: Path, results_dir: Path)
 
     from attnbench.experiment import read_yaml
     from attnbench.results import store
+    from attnbench.results.variants import missing_variant_hint
 
     unknown = re.search(r"unknown variant '([^']+)'", message)
     if unknown is None:
@@ -79,7 +79,7 @@ def _missing_plugin_hint(message: str, experiment_file: Path, results_dir: Path)
         rows = store.read_rows(results_dir / str(name or experiment_file.stem), kind="trial")
     except Exception:  # noqa: BLE001 - a hint only: the error itself is already complete
         return ""
-    return registry.missing_variant_hint(unknown.group(1), rows)
+    return missing_variant_hint(unknown.group(1), rows)
 
 
 def _refuse(refused) -> NoReturn:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from attnbench.data.base import DataError, DataSplits
-from attnbench.variant import did_you_mean
+from attnbench.suggest import did_you_mean
 
 @dataclasses.dataclass(frozen=True)
 class _DatasetEntry:

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from attnbench.results import schema, stats, store
+from attnbench.suggest import did_you_mean
 from attnbench.terminal import printable
-from attnbench.variant import did_you_mean
 
 __all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "TABLE_PRIORITY", "FORMATS", "Results", "load_results",
            "load_store", "prepare_trials", "summarize", "baseline_warnings", "consistency_warnings", "pareto_front",
