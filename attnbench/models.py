@@ -316,7 +316,7 @@ def _layer_state(layer: nn.Module) -> Optional[tuple]:
     """A copy of everything a ``castle()`` could change in place; None if it cannot be copied."""
     try:
         attributes = copy.deepcopy({k: v for k, v in vars(layer).items() if k not in _MODULE_INTERNALS})
-    except Exception:   # an attribute deepcopy refuses: treat castling as a change
+    except Exception:  # noqa: BLE001 - an attribute deepcopy refuses: treat castling as a change
         return None
     structure = [(name, type(m)) for name, m in layer.named_modules()]
     tensors = {k: v.detach().clone() for k, v in layer.state_dict(keep_vars=True).items()}
@@ -334,7 +334,7 @@ def _same(a: Any, b: Any) -> bool:
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
             return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
         return type(a) is type(b) and bool(a == b)
-    except Exception:
+    except Exception:  # noqa: BLE001 - values that cannot be compared count as changed
         return False
 
 

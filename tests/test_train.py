@@ -5,6 +5,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from attnbench import data, models, registry, train
 from test_data import make_cifar_folder, make_image_folder
