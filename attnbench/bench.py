@@ -38,14 +38,15 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from attnbench import kernels, measure, precision, provenance, registry
+from attnbench import kernels, measure, models, precision, provenance, registry, torch_compat
+from attnbench.results import schema
 from attnbench.variant import AttentionVariant
 
 __all__ = ["BenchConfig", "BenchError", "BenchResult", "build_module", "crossover", "run_benchmark",
            "parse_tokens", "parse_variants", "render"]
 
 LEVELS = ("layer", "model")
-BASELINE = "softmax"
+BASELINE = schema.BASELINE
 
 
 class BenchError(ValueError):
@@ -166,13 +167,6 @@ def parse_tokens(text: str) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------- the modules
 
-def _castle(module: nn.Module) -> nn.Module:
-    for sub in module.modules():
-        if isinstance(sub, AttentionVariant):
-            sub.castle()
-    return module
-
-
 def build_module(level: str, variant: str, dim: int, heads: int, tokens: int, depth: int = 12,
                  patch: int = 16) -> nn.Module:
     """The castled module benchmarked for one (variant, N): one layer, or a timm ViT.
@@ -180,16 +174,16 @@ def build_module(level: str, variant: str, dim: int, heads: int, tokens: int, de
     The model is a ``timm`` ``VisionTransformer`` (qkv bias, MLP ratio 4, 1000 classes, as
     DeiT) with the variant in every attention slot; its image side is ``sqrt(N - 1) * patch``.
     """
-    torch.manual_seed(0)
-    if level == "layer":
-        module = registry.build_attention(variant, dim, heads)
-    else:
-        from timm.models.vision_transformer import VisionTransformer
+    with models.seeded(0):
+        if level == "layer":
+            module = registry.build_attention(variant, dim, heads)
+        else:
+            from timm.models.vision_transformer import VisionTransformer
 
-        side = math.isqrt(tokens - 1)
-        module = VisionTransformer(img_size=side * patch, patch_size=patch, embed_dim=dim, depth=depth,
-                                   num_heads=heads, attn_layer=registry.variant_class(variant))
-    return _castle(module).eval()
+            side = math.isqrt(tokens - 1)
+            module = VisionTransformer(img_size=side * patch, patch_size=patch, embed_dim=dim, depth=depth,
+                                       num_heads=heads, attn_layer=registry.variant_class(variant))
+    return models.castle(module).eval()
 
 
 def input_shape(config: BenchConfig, tokens: int) -> tuple[int, ...]:
@@ -209,9 +203,7 @@ def _use_ops(ops: str, shapes: int) -> None:
     of ``shapes`` shapes (its default limit of 8 per function would time the rest eager)."""
     kernels.set_process_default(ops)
     if ops == "compile":
-        import torch._dynamo.config as dynamo_config
-
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * shapes)
+        torch_compat.raise_recompile_limit(2 * shapes)
 
 
 def _build_under(ops: str, shapes: int, *args, dtype: str = precision.DEFAULT_PRECISION,
@@ -235,8 +227,8 @@ def _time_in_this_process(config: BenchConfig, on_block=None) -> dict[str, dict]
     for tokens in config.tokens:
         for variant in config.variants:
             module = precision.at_precision(_build(config, variant, tokens).to(config.device), config.dtype, config.device)
-            torch.manual_seed(1)
-            x = torch.randn(config.batch, *input_shape(config, tokens), device=config.device)
+            inputs = torch.Generator(device=config.device).manual_seed(1)
+            x = torch.randn(config.batch, *input_shape(config, tokens), device=config.device, generator=inputs)
             callables[_key(variant, tokens)] = (module, x)
     result = measure.time_interleaved(callables, threads=config.thread_count, warmup=config.warmup,
                                       repeats=config.samples, device=config.device, on_block=on_block)

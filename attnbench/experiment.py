@@ -39,7 +39,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from attnbench.registry import VariantError, get_variant
-from attnbench.results.schema import OBJECTIVES
+from attnbench.results.schema import BASELINE, OBJECTIVES
 from attnbench.suggest import did_you_mean
 from attnbench.variant import OptionSpec, option_specs, parse_options
 
@@ -792,7 +792,7 @@ def _per_config_hint(where: str) -> str:
 def _baseline(r: _Reader, raw: Any, configs: tuple[VariantConfig, ...]) -> Optional[str]:
     labels = [c.label for c in configs]
     if raw is None:
-        return "softmax" if "softmax" in labels else None
+        return BASELINE if BASELINE in labels else None
     label = r.string(raw, "baseline")
     if label not in labels:
         r.fail("baseline", f"no configuration is labelled '{label}'{did_you_mean(label, labels)} "

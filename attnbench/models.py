@@ -110,8 +110,9 @@ def variant_layers(model: nn.Module) -> list[tuple[str, AttentionVariant]]:
 
 
 @contextlib.contextmanager
-def _seeded(seed: Optional[int]):
-    """Seed torch for model initialisation without disturbing the caller's random state."""
+def seeded(seed: Optional[int]):
+    """Seed torch's CPU generator inside the block (model initialisation) and give the caller's
+    random state back after it; ``None``: nothing is seeded."""
     if seed is None:
         yield
         return
@@ -151,7 +152,7 @@ def create_model(arch: str, variant: Union[str, type[AttentionVariant]] = "softm
     if not timm.is_model(arch):
         raise ModelError(f"unknown model architecture '{arch}'"
                          f"{did_you_mean(arch, timm.list_models('*vit*') + timm.list_models('*deit*'))}")
-    with _seeded(seed):
+    with seeded(seed):
         try:
             model = timm.create_model(arch, pretrained=False, attn_layer=attn_layer, **model_kwargs)
         except TypeError as err:

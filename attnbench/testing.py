@@ -40,8 +40,9 @@ DIM, HEADS, TOKENS, BATCH = 48, 3, 17, 2   # 17 = 16 grid tokens + a class token
 
 
 def _layer(variant: str, options: dict, **kwargs):
-    torch.manual_seed(0)
-    return build_attention(variant, DIM, HEADS, **options, **kwargs)
+    with torch.random.fork_rng(devices=[]):   # the caller's random state is left as it was
+        torch.manual_seed(0)
+        return build_attention(variant, DIM, HEADS, **options, **kwargs)
 
 
 def _input(dtype=torch.float32, requires_grad=False) -> torch.Tensor:
@@ -179,10 +180,11 @@ def check_timm_drop_in(variant: str, options: dict) -> None:
     """The variant works as timm's ``attn_layer`` in a VisionTransformer, forward and backward."""
     from timm.models.vision_transformer import VisionTransformer
 
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=DIM, depth=2,
-                              num_heads=HEADS, attn_layer=variant_class(variant, **options))
-    images = torch.randn(2, 3, 16, 16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = VisionTransformer(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=DIM, depth=2,
+                                  num_heads=HEADS, attn_layer=variant_class(variant, **options))
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     logits = model(images)
     assert logits.shape == (2, 5), f"logits shape {tuple(logits.shape)}"
     logits.sum().backward()

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from attnbench import models, precision as precisions
 from attnbench.data import DataSplits
 from attnbench.data.augment import Augmentation, BatchAugmenter
+from attnbench.precision_names import Precision
 
 __all__ = ["CURVES", "TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device",
            "default_arch"]
@@ -106,7 +107,7 @@ class TrainConfig:
     deterministic: bool = True
     num_threads: Optional[int] = None
     num_workers: int = 0
-    precision: str = precisions.DEFAULT_PRECISION
+    precision: Precision = precisions.DEFAULT_PRECISION
 
     def __post_init__(self):
         if isinstance(self.augment, dict):
@@ -319,23 +320,31 @@ def evaluate(model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: Un
 
 @contextlib.contextmanager
 def _run_settings(config: TrainConfig, device: torch.device):
-    """Deterministic algorithms and thread count for the run; restored afterwards."""
+    """Deterministic algorithms, thread count and random state for the run; all restored afterwards
+    (the process environment included: cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when the run's
+    first matmul creates its workspace, so it is set only for the run)."""
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     threads = torch.get_num_threads()
     cudnn_benchmark = torch.backends.cudnn.benchmark
-    try:
-        if config.deterministic:
-            if device.type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-                torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        yield
-    finally:
-        torch.use_deterministic_algorithms(det, warn_only=warn_only)
-        torch.set_num_threads(threads)
-        torch.backends.cudnn.benchmark = cudnn_benchmark
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            if config.deterministic:
+                if device.type == "cuda":
+                    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                    torch.backends.cudnn.benchmark = False
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            if config.num_threads:
+                torch.set_num_threads(config.num_threads)
+            yield
+        finally:
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
+            torch.set_num_threads(threads)
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+            if workspace is None:
+                os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+            else:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
 
 
 class _Bar:

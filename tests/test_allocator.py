@@ -39,6 +39,7 @@ def _cycles(mode: str, **env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.perf
 @pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc's")
 def test_tuned_malloc_stops_faulting_freed_buffers_back_in():
     tuned = _cycles("tune")

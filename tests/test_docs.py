@@ -69,3 +69,26 @@ def test_every_package_is_listed_for_the_wheel():
              for p in (ROOT / "variants").rglob("__init__.py")}
     found |= {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "attnbench").rglob("__init__.py")}
     assert listed == found
+
+
+def _layout_block() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return re.search(r"## Layout\n\n```\n(.*?)```", readme, re.S).group(1)
+
+
+def test_the_readme_layout_names_every_module_of_the_package_and_nothing_else():
+    block = _layout_block()
+    lines = block.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("attnbench/"))
+    package_lines = [lines[start][len("attnbench/"):]]
+    for line in lines[start + 1:]:
+        if not line.startswith(" "):
+            break
+        package_lines.append(line)
+    named = {word for line in package_lines for word in line.split()}
+    package = ROOT / "attnbench"
+    actual = {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+    actual |= {f"{p.name}/" for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert named == actual, f"README Layout: missing {sorted(actual - named)}, stale {sorted(named - actual)}"
+    for top in ("variants/", "experiments/", "examples/", "benchmarks/", "scripts/", "docs/", "tests/"):
+        assert top in block and (ROOT / top).is_dir(), top

@@ -407,6 +407,7 @@ def test_compiled_core_matches_reference_forward_and_backward(grad, monkeypatch)
 
 # ------------------------------------------------------------------------- coarse speed
 
+@pytest.mark.perf
 def test_fast_core_is_faster_than_the_reference_at_3137_tokens():
     """One process, interleaved, a coarse ratio (measured 5-12x with the DWConv): never absolute times."""
     from attnbench.measure import time_interleaved

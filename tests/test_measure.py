@@ -90,11 +90,12 @@ def test_time_latency_fields_and_threads_restored():
     assert torch.get_num_threads() == before
     assert latency.threads == 1 and latency.repeats == 5 and len(latency.times_ms) == 5
     assert latency.calls_per_block >= 1
-    assert 0 < latency.median_ms < 1000 and latency.iqr_ms >= 0
+    assert latency.median_ms > 0 and latency.iqr_ms >= 0
     assert latency.samples_per_s == pytest.approx(8 / (latency.median_ms / 1e3))
     assert set(latency.as_dict()) >= {"median_ms", "iqr_ms", "samples_per_s", "threads", "repeats"}
 
 
+@pytest.mark.perf
 def test_interleaved_softmax_slower_than_linear_angular_at_3137_tokens():
     # A coarse ratio inside one process, never an absolute time (~8x on an idle 2-core machine).
     x = torch.randn(1, 3137, 192)
@@ -114,6 +115,7 @@ class Allocates(nn.Module):
         return x.sum() + torch.ones(self.numel).add_(1).sum()
 
 
+@pytest.mark.perf
 def test_peak_memory_sees_a_forward_allocation_in_a_child():
     small, big = measure.peak_memory_many([(functools.partial(Allocates, 0), (2, 4)),
                                            (functools.partial(Allocates, 64), (2, 4))], threads=1)

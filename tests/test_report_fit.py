@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 from rich.console import Console
 
-from attnbench import bench, cli
+from attnbench import bench
 from attnbench.cli import main
 from attnbench.cli import sweep as cli_sweep
 from attnbench.results import plots, report, store
@@ -171,7 +171,7 @@ def test_sweep_plan_fits_80_columns(monkeypatch):
                                        dataset="digits")
     console = Console(width=80, record=True, file=io.StringIO())
     monkeypatch.setattr(cli_sweep, "console", console)   # the console _print_plan prints to
-    cli._print_plan(types.SimpleNamespace(experiment=experiment, device="cpu"))
+    cli_sweep._print_plan(types.SimpleNamespace(experiment=experiment, device="cpu"))
     lines = console.export_text().splitlines()
     assert max(len(line) for line in lines) <= 80
     for value in ("castling[fixed]", "linear-angular", "mask_schedule=fixed", "schedule_end=0.7",

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from attnbench import registry
+from attnbench.variant import AttentionVariant
 from attnbench.results import store
 from attnbench.cli import main
 from attnbench.experiment import load_experiment
@@ -63,7 +63,7 @@ def test_sweep_writes_one_row_per_trial_and_seed_with_provenance(tmp_path):
     assert again.ran_here == 0 and len(rows(tmp_path / "results", "tiny")) == 4
 
 
-class NaNAttention(registry.AttentionVariant):
+class NaNAttention(AttentionVariant):
     """Always diverges: its output is NaN."""
 
     def attend(self, q, k, v, attn_mask):
@@ -212,7 +212,7 @@ def test_ctrl_c_halfway_then_the_same_command_resumes(tmp_path):
 
 # --- pruning ------------------------------------------------------------------------------------
 
-class ZeroAttention(registry.AttentionVariant):
+class ZeroAttention(AttentionVariant):
     """Mixes nothing: the class token never sees the image, so the model stays at chance."""
 
     def attend(self, q, k, v, attn_mask):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attnbench import data, models, registry, train
+from attnbench.variant import AttentionVariant
 from test_data import make_cifar_folder, make_image_folder
 from test_idx import make_idx_folder
 
@@ -118,7 +119,7 @@ def test_progress_bar_runs(digits):
 
 # --- no wasted test pass: castling that changes nothing is not evaluated twice -------------------
 
-class _NoopOverride(registry.AttentionVariant):
+class _NoopOverride(AttentionVariant):
     """Overrides castle() but changes nothing in it."""
 
     def attend(self, q, k, v, attn_mask):
@@ -167,7 +168,7 @@ class _SwapOverride(_NoopOverride):
 def test_castle_changes_is_false_exactly_for_variants_without_a_train_only_branch(name):
     model = models.create_model("vit_pico_patch2_8", name, num_classes=10, in_chans=1, img_size=8, **TINY)
     layers = models.variant_layers(model)
-    own_castle = type(layers[0][1]).castle is not registry.AttentionVariant.castle
+    own_castle = type(layers[0][1]).castle is not AttentionVariant.castle
     assert models.castle_changes(model) is own_castle    # Castling and its presets flip `castled`
     assert models.castle_changes(model) is False          # castling again changes nothing
 

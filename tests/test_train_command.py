@@ -9,14 +9,18 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from attnbench import cli, train
+from attnbench import train
+from attnbench.cli import _common as cli_common
+from attnbench.cli import main
+from attnbench.cli import dataclass_options
+from attnbench.cli import train as cli_train
 from attnbench.train import TrainConfig
 
 FAST = ["--max-steps", "2", "--model-option", "depth=1", "--no-progress", "--device", "cpu", "--num-threads", "1"]
 
 
 def invoke(*args: str):
-    return CliRunner().invoke(cli.main, ["train", *args])
+    return CliRunner().invoke(main, ["train", *args])
 
 
 def test_trains_each_run_and_writes_every_result(tmp_path):
@@ -96,7 +100,7 @@ def test_options_follow_the_dataclass_fields_and_their_types():
         undocumented: str = "x"
         maybe: Optional[bool] = None
 
-    options = {o.name: o for o in cli._dataclass_options(Config)}
+    options = {o.name: o for o in dataclass_options._dataclass_options(Config)}
     assert list(options) == ["precision", "augment", "crop", "flip", "extra", "undocumented", "maybe"]
     assert options["precision"].help == "number format of the forward pass."
     assert options["crop"].help == options["flip"].help == "two fields sharing one line."
@@ -109,13 +113,20 @@ def test_options_follow_the_dataclass_fields_and_their_types():
 
 
 def test_run_specs_and_key_values():
-    assert cli._parse_run("castling") == ("castling", {})
-    assert cli._parse_run("attnbench:castling") == ("attnbench:castling", {})
-    assert cli._parse_run("attnbench:castling:threshold=0.1,mask_schedule=none") == \
+    assert cli_train._parse_run("castling") == ("castling", {})
+    assert cli_train._parse_run("attnbench:castling") == ("attnbench:castling", {})
+    assert cli_train._parse_run("attnbench:castling:threshold=0.1,mask_schedule=none") == \
         ("attnbench:castling", {"threshold": 0.1, "mask_schedule": "none"})
-    assert cli.parse_key_values(["eps=1e-6", "flag=true", "n=3", "s=head"], "--option") == \
+    assert cli_common.parse_key_values(["eps=1e-6", "flag=true", "n=3", "s=head"], "--option") == \
         {"eps": 1e-6, "flag": True, "n": 3, "s": "head"}
 
 
 def test_the_argparse_entry_is_gone():
     assert not hasattr(train, "main")
+
+
+def test_precision_is_a_choice_of_the_typed_config():
+    shown = invoke("--help")
+    assert "--precision [float32|bfloat16|float16]" in " ".join(shown.output.split())
+    refused = invoke("--precision", "float64")
+    assert refused.exit_code == 2 and "float64" in refused.output and "Traceback" not in refused.output

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from attnbench import AttentionVariant, cli, registry
+from attnbench import AttentionVariant, registry
+from attnbench.cli import main
 from attnbench.cli import variants as cli_variants
 from attnbench.variant import option_specs
 from test_registry import BUILTINS
@@ -34,7 +35,7 @@ def invoke(*args: str, width: int = 120):
     saved = cli_variants.console
     cli_variants.console = Console(width=width, color_system=None)   # file=None: CliRunner's stdout at print time
     try:
-        return CliRunner().invoke(cli.main, list(args))
+        return CliRunner().invoke(main, list(args))
     finally:
         cli_variants.console = saved
 
@@ -70,7 +71,7 @@ def toy(registered):
 def test_every_option_is_shown_whole_with_type_default_allowed_values_and_help(name, width, toy):
     name = toy if name == "toy" else name
     info = registry.variant_info(name)
-    text = render(cli._variant_detail(info, {}), width)
+    text = render(cli_variants._variant_detail(info, {}), width)
     assert max(map(len, text.splitlines())) <= width, text
     assert info.distribution in text and info.name in text
     found = cells(text)
@@ -88,7 +89,7 @@ def test_every_option_is_shown_whole_with_type_default_allowed_values_and_help(n
 
 
 def test_limits_and_help_are_what_the_options_declare(toy):
-    text = render(cli._variant_detail(registry.variant_info(toy), {}), 100)
+    text = render(cli_variants._variant_detail(registry.variant_info(toy), {}), 100)
     assert "in (0, 4]" in cells(text) and "output scale" in cells(text) and "bad-shape breaks it" in cells(text)
     castling = {s.name: s for s in option_specs(registry.get_variant("castling"))}
     assert castling["threshold"].allowed() == "in (0, 1)" and castling["gate_steps"].allowed() == ">= 1"
@@ -97,7 +98,7 @@ def test_limits_and_help_are_what_the_options_declare(toy):
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_the_list_never_cuts_a_name_or_distribution(width, toy):
-    table, failed = cli._variant_list(check=False)
+    table, failed = cli_variants._variant_list(check=False)
     text = render(table, width)
     assert failed == 0 and max(map(len, text.splitlines())) <= width, text
     found = cells(text)

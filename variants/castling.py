@@ -9,21 +9,20 @@ linear-angular core run the fast paths in ``ops/`` (the plain references beside 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
 from attnbench.precision import run_in_float32
 from attnbench.variant import preset
 from attnbench_variants.linear_angular import LinearAngularAttention, LinearAngularOptions
-from attnbench_variants.mask_schedules import BranchState, branch_state
+from attnbench_variants.mask_schedules import BranchState, MaskSchedule, branch_state
 from attnbench_variants.ops.castling import castling_attention
 
 
 @dataclasses.dataclass(frozen=True)
 class CastlingOptions(LinearAngularOptions):
-    mask_schedule: Literal["none", "fixed", "threshold_ramp", "gate_linear", "gate_cosine",
-                           "gate_step", "l1_ramp"] = dataclasses.field(
+    mask_schedule: MaskSchedule = dataclasses.field(
         default="fixed", metadata={"help": "how the auxiliary branch is driven to zero (fixed = official)"})
     threshold: float = dataclasses.field(
         default=0.02, metadata={"help": "mask keeps probabilities above it", "gt": 0, "lt": 1})

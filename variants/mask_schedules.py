@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+import typing
+from typing import Literal, Optional
 
-MASK_SCHEDULES = ("none", "fixed", "threshold_ramp", "gate_linear", "gate_cosine", "gate_step", "l1_ramp")
+#: The schedules, once: Castling's ``mask_schedule`` option is typed by it.
+MaskSchedule = Literal["none", "fixed", "threshold_ramp", "gate_linear", "gate_cosine", "gate_step", "l1_ramp"]
+MASK_SCHEDULES: tuple[str, ...] = typing.get_args(MaskSchedule)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ __all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "TABLE_PRIORITY", "FORM
            "select", "apply_filter",
            "check_columns", "check_view_columns", "rich_tables", "export", "html_page"]
 
-BASELINE = "softmax"   #: default baseline label (used when a study has it)
+BASELINE = schema.BASELINE   #: default baseline label (used when a study has it)
 KEYS = list(schema.names("study", "label", "options"))
 FORMATS = ("table", "csv", "markdown", "json")
 # Stored columns are named through the schema (a renamed column fails at import); the summary's

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import pyarrow as pa
 
 __all__ = ["SCHEMA_VERSION", "KINDS", "TRIAL", "BENCHMARK", "Column", "COLUMNS", "BY_NAME", "ARROW_SCHEMA",
-           "OBJECTIVES", "Objective", "names", "columns_of", "columns_since", "check_row", "markdown_table",
+           "BASELINE", "OBJECTIVES", "Objective", "names", "columns_of", "columns_since", "check_row", "markdown_table",
            "SchemaError"]
 
 #: Version of the row layout below; stored in every row and in each file's metadata.
@@ -199,6 +199,10 @@ assert len(BY_NAME) == len(COLUMNS), "a column is listed twice"
 
 #: The Arrow schema of every result file.
 ARROW_SCHEMA = pa.schema([pa.field(c.name, c.type, nullable=True) for c in COLUMNS])
+
+#: The configuration label (and benchmark variant) every comparison is made against by default,
+#: where a study or a benchmark has it.
+BASELINE = "softmax"
 
 #: Columns that may be an objective of a sweep: name -> Objective (direction, measure switch).
 OBJECTIVES: dict[str, Objective] = {c.name: c.objective for c in COLUMNS

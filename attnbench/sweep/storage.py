@@ -74,7 +74,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(url))
     heartbeat, grace = heartbeat_settings()
     engine = {"pool_pre_ping": True} if not url.startswith("sqlite") else {"connect_args": {"timeout": 60}}
-    if url.startswith(("postgresql", "postgres://")):
+    if is_postgresql(url):
         # A worker stopped mid-transaction (SIGSTOP, a frozen VM) keeps its row locks, and every
         # other worker then waits on them forever. The server ends such a session after the
         # grace period, as the other workers end its trial; healthy transactions last milliseconds.
@@ -82,6 +82,11 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return with_retries(lambda: optuna.storages.RDBStorage(
         url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=grace,
         heartbeat_stale_trial_callback=retry))
+
+
+def is_postgresql(url: str) -> bool:
+    """Whether ``url`` names a PostgreSQL storage (``postgresql://``, ``postgresql+psycopg2://``, ...)."""
+    return url.startswith(("postgresql", "postgres://"))
 
 
 def _is_journal(url: str) -> bool:
@@ -112,7 +117,7 @@ class StorageLock:
         self._engine = None
 
     def acquire(self) -> None:
-        if self.url.startswith(("postgresql", "postgres://")):
+        if is_postgresql(self.url):
             import sqlalchemy
             if self._engine is None:
                 self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
@@ -178,7 +183,7 @@ class StorageError(RuntimeError):
 
 def schema_ready(url: str) -> bool:
     """Whether a PostgreSQL storage already holds Optuna's complete schema (False if unsure)."""
-    if not url.startswith("postgresql"):
+    if not is_postgresql(url):
         return False
     import sqlalchemy
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)

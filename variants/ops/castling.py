@@ -19,9 +19,10 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from attnbench.torch_compat import dispatch_mode_active
 from attnbench_variants.ops import get_impl
-from attnbench_variants.ops.linear_angular import (CoreSaved, _dispatch_modes, _needs_grad, core_backward,
-                                                   core_forward, linear_angular)
+from attnbench_variants.ops.linear_angular import (CoreSaved, _needs_grad, core_backward, core_forward,
+                                                   linear_angular)
 from attnbench_variants.ops.masked_softmax import BranchSaved, branch_backward, branch_forward, masked_softmax_attention
 
 __all__ = ["CastlingOutput", "castling_attention", "castling_attention_composed"]
@@ -57,7 +58,7 @@ def castling_attention(q, k, v, *, threshold: float, gate: float = 1.0, need_row
     counters see the composed ops); everything else runs composed.
     """
     fused = (get_impl() != "reference" and dropout is None and constant == "official"
-             and _needs_grad(q, k, v, conv_weight) and not _dispatch_modes())
+             and _needs_grad(q, k, v, conv_weight) and not dispatch_mode_active())
     if not fused:
         return castling_attention_composed(
             q, k, v, threshold=threshold, gate=gate, need_row_sums=need_row_sums, dropout=dropout, eps=eps,

@@ -43,6 +43,7 @@ from typing import Literal, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from attnbench.torch_compat import dispatch_mode_active
 from attnbench_variants.ops import IMPLS, get_impl, set_impl, use_impl
 from attnbench_variants.ops.norms import normalize, stop_floored
 
@@ -106,9 +107,6 @@ def _norm_floor(x: torch.Tensor, floor: float, inplace: bool) -> torch.Tensor:
     """max(|x|, floor) over the last dim, keepdim (``F.normalize``'s denominator): one reduction pass."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return norm.clamp_min_(floor) if inplace else norm.clamp_min(floor)
-
-
-_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -370,7 +368,7 @@ def linear_angular_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ep
     inplace = not _needs_grad(q, k, v, extra, conv_weight, residual)
     # Under a dispatch mode (torch's FlopCounterMode, ptflops' aten backend) the DWConv runs as
     # F.conv2d, so that MAC counters see its multiply-adds (the K shifted adds are elementwise).
-    counted = _dispatch_modes() > 0
+    counted = dispatch_mode_active()
     if not inplace and not counted and constant == "official":
         out, prenorm = _LinearAngularTraining.apply(q, k, v, extra, conv_weight, float(eps), bool(normalize_output))
         if residual is not None:
@@ -396,7 +394,7 @@ def _linear_angular_compiled(q, k, v, *, eps: float = 1e-6, constant: Constant =
     """The fast path under ``torch.compile``; falls back to eager ``fast`` (warning once) on failure."""
     global _compiled, _compile_failed
     args = (eps, constant, normalize_output, extra, conv_weight, residual, return_prenorm)
-    if not _compile_failed and not _dispatch_modes():    # counters see the eager ops
+    if not _compile_failed and not dispatch_mode_active():    # counters see the eager ops
         try:
             if _compiled is None:
                 _compiled = torch.compile(_fast, dynamic=False)

@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from attnbench.torch_compat import softmax_inplace_
 from attnbench_variants.ops import get_impl
 
 __all__ = ["masked_softmax_attention", "masked_softmax_attention_naive", "masked_softmax_attention_fast",
@@ -53,9 +54,7 @@ def masked_softmax_attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 def _softmax_(x: torch.Tensor) -> torch.Tensor:
     """softmax over the last dim, in place on CPU (the kernel reads each row before writing it)."""
-    if x.device.type == "cpu":
-        return torch._softmax(x, -1, False, out=x)
-    return torch.softmax(x, dim=-1)
+    return softmax_inplace_(x)
 
 
 _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
