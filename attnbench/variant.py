@@ -9,6 +9,7 @@ Subclasses implement :meth:`AttentionVariant.attend` (per-head core) and
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import operator
 import typing
@@ -28,6 +29,7 @@ __all__ = [
     "option_specs",
     "parse_options",
     "preset",
+    "token_grid",
     "variant_name",
 ]
 
@@ -39,6 +41,21 @@ _registered_names: "weakref.WeakKeyDictionary[type, str]" = weakref.WeakKeyDicti
 def remember_variant_name(cls: type, name: str) -> None:
     """Record that the registry loaded ``cls`` as ``name`` (called by the registry only)."""
     _registered_names[cls] = name
+
+
+def token_grid(num_tokens: int, num_prefix_tokens: int = -1) -> tuple[int, int]:
+    """``(prefix, side)``: a ViT sequence of ``num_tokens`` is ``prefix`` tokens (class, registers)
+    then a ``side`` x ``side`` grid of patches. ``num_prefix_tokens=-1`` infers the prefix as
+    ``N - isqrt(N)**2``.
+
+    Raises:
+        ValueError: the tokens after the prefix do not form a square grid.
+    """
+    prefix = num_tokens - math.isqrt(num_tokens) ** 2 if num_prefix_tokens < 0 else num_prefix_tokens
+    side = math.isqrt(max(num_tokens - prefix, 0))
+    if prefix > num_tokens or side * side != num_tokens - prefix:
+        raise ValueError(f"{num_tokens} tokens with {prefix} prefix tokens leave no square token grid")
+    return prefix, side
 
 
 def variant_name(cls: type) -> str:
@@ -308,6 +325,10 @@ class AttentionVariant(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         y = self.attend(q, k, v, attn_mask)
+        if getattr(y, "shape", None) != q.shape:   # one line in the plugin's terms, not a reshape error below
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"variant '{self._label()}': attend() returned {got}, expected (B, h, N, d) = "
+                             f"{tuple(q.shape)}")
         y = y.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(self.norm(y)))
 

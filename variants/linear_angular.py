@@ -8,7 +8,6 @@ fast path (default) beside the plain reference. No Python loop over heads or tok
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal, Optional
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnbench.precision import run_in_float32
-from attnbench.variant import AttentionVariant
+from attnbench.variant import AttentionVariant, token_grid
 from attnbench_variants.ops.linear_angular import compile_fell_back, linear_angular
 
 
@@ -101,14 +100,10 @@ class LinearAngularAttention(AttentionVariant):
 
     def token_grid(self, num_tokens: int) -> tuple[int, int]:
         """(number of prefix tokens, side of the square token grid) for ``dwconv2d``."""
-        prefix = self.options.num_prefix_tokens
-        if prefix < 0:
-            prefix = num_tokens - math.isqrt(num_tokens) ** 2
-        side = math.isqrt(num_tokens - prefix)
-        if prefix > num_tokens or side * side != num_tokens - prefix:
-            raise ValueError(f"variant '{self._label()}': residual 'dwconv2d' needs a square token grid, "
-                             f"got {num_tokens} tokens with {prefix} prefix tokens")
-        return prefix, side
+        try:
+            return token_grid(num_tokens, self.options.num_prefix_tokens)
+        except ValueError as err:
+            raise ValueError(f"variant '{self._label()}': residual 'dwconv2d' needs a square token grid: {err}") from None
 
     def core_macs(self, num_tokens: int) -> int:
         n, c = num_tokens, self.dim
