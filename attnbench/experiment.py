@@ -409,7 +409,7 @@ def read_yaml(path: Path) -> Any:
         raise ExperimentError(source, "", f"larger than {MAX_FILE_BYTES // 2**20} MiB; an experiment file is a "
                                           f"few lines of YAML")
     try:
-        return yaml.load(text, Loader=_SafeExperimentLoader)   # noqa: S506 - a SafeLoader, bounded
+        return yaml.load(text, Loader=_SafeExperimentLoader)   # a SafeLoader subclass, bounded
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         position = getattr(err, "position", None)   # a reader error: a character YAML does not allow

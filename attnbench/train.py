@@ -140,7 +140,7 @@ class TrainConfig:
 
         known = list_optimizers()
         if self.opt.lower() not in known:
-            from attnbench.variant import did_you_mean
+            from attnbench.suggest import did_you_mean
 
             raise ValueError(f"TrainConfig: opt '{self.opt}' is not a timm optimiser{did_you_mean(self.opt, known)}")
         precisions.check_precision(self.precision, "TrainConfig: precision")

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from attnbench.cli import main
 from attnbench.results import report, store
-from test_sweep import TINY, experiment_file, rows
+from test_sweep import experiment_file, rows
 
 pytestmark = pytest.mark.slow
 

@@ -129,7 +129,7 @@ def _run_sweep(experiment, storage, results_dir: Path, device: str, worker_index
     console.print(f"next: [bold]attnbench report --results {escape(printable(results_dir))}[/]", highlight=False)
 
 
-def _interrupted(signum: int) -> "NoReturn":  # noqa: F821
+def _interrupted(signum: int) -> NoReturn:
     """The one message of a sweep stopped by SIGINT or SIGTERM; exit 128 + the signal (130, 143)."""
     err_console.print(f"[yellow]interrupted ({signal.Signals(signum).name}):[/] finished trials are stored; run "
                       f"the same command again to resume.", highlight=False)
