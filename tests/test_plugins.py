@@ -224,7 +224,7 @@ def test_check_fails_contract_violations_and_passes_everything_else(hydra_site, 
         assert PASSED in row(done.stdout, name), row(done.stdout, name)
     # Plugins that load but misbehave get a row naming the distribution and the failed check.
     for dist, check in (("badshape-plugin", "check_shape_and_dtype: attend() returned (2, 3, 16), expected"),
-                        ("badmacs-plugin", "check_macs: macs(17) = ")):
+                        ("badmacs-plugin", "check_macs: core_macs(17) = ")):
         line, block = row(done.stdout, BROKEN[dist][0]), row_block(done.stdout, BROKEN[dist][0])
         assert dist in line and "passed" not in block and check in block, block
     # Plugins that cannot even be loaded get one warning naming the distribution.
