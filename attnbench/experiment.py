@@ -61,6 +61,8 @@ _MEASURE_MAX = {"batch_size": 4096, "repeats": 10_000, "threads": 1024}
 TOP_LEVEL_FIELDS = ("name", "description", "model", "data", "train", "seeds", "variants", "baseline", "search",
                     "sampler", "objectives", "budget", "pruning", "storage", "measure", "constraints")
 CONFIG_FIELDS = ("label", "variant", "options", "search")   # the fields of one entry under 'variants'
+MODEL_FIELDS = ("arch", "kwargs", "checkpoint")
+SAVE_CHECKPOINT = "save_checkpoint"   # train.save_checkpoint: not a TrainConfig field (the sweep saves)
 #: TrainConfig fields a sweep sets itself, per seed and per worker.
 _TRAIN_SET_BY_SWEEP = {"seed": "the sweep trains once per entry of 'seeds'",
                        "device": "the device is chosen on the command line (--device)"}
@@ -173,6 +175,8 @@ class Experiment:
     measure: MeasureSpec
     max_macs: Optional[int]
     baseline: Optional[str] = None   # the label of the configuration never pruned
+    checkpoint: Optional[str] = None  # model.checkpoint: a local file every trial's model starts from
+    save_checkpoint: bool = False     # train.save_checkpoint: keep each seed's evaluated weights
 
     @property
     def multi_objective(self) -> bool:
@@ -467,8 +471,10 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
     name = _study_name(r, top.get("name", default_name), "name" in top)
 
     arch, model_kwargs = _model(r, top.get("model"))
+    checkpoint = _model_checkpoint(r, top.get("model"))
     dataset, data_root, data_options = _data(r, top.get("data"))
-    train = _train(r, top.get("train"), dataset, data_options)
+    train_raw, save_checkpoint = _save_checkpoint(r, top.get("train"))
+    train = _train(r, train_raw, dataset, data_options)
     seeds = _seeds(r, top.get("seeds", [0]))
     sampler, sampler_seed = _sampler(r, top.get("sampler", "grid"))
     configs = _configs(r, top.get("variants"), dataset, sampler)
@@ -493,7 +499,8 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
         model_kwargs=model_kwargs, dataset=dataset, data_root=data_root, data_options=data_options,
         train=train, seeds=seeds, configs=configs, search=search, sampler=sampler, sampler_seed=sampler_seed,
         objectives=objectives, trials=trials, timeout_s=timeout_s, pruning=pruning, storage=storage,
-        measure=measure, max_macs=max_macs, baseline=baseline)
+        measure=measure, max_macs=max_macs, baseline=baseline, checkpoint=checkpoint,
+        save_checkpoint=save_checkpoint)
     if sampler == "grid":
         try:
             size = experiment.grid_size()
@@ -539,7 +546,7 @@ def _model(r: _Reader, raw: Any) -> tuple[Optional[str], dict]:
 
     from attnbench import models  # noqa: F401 - registers attnbench's small models with timm
 
-    model = r.mapping(raw, "model", ("arch", "kwargs"))
+    model = r.mapping(raw, "model", MODEL_FIELDS)
     arch = model.get("arch")
     if arch is not None:
         arch = r.string(arch, "model.arch")
@@ -552,6 +559,28 @@ def _model(r: _Reader, raw: Any) -> tuple[Optional[str], dict]:
         if key in kwargs:
             r.fail(f"model.kwargs.{key}", "is set by attnbench (from the variant, the data and --device); remove it")
     return arch, dict(kwargs)
+
+
+def _model_checkpoint(r: _Reader, raw: Any) -> Optional[str]:
+    """``model.checkpoint``: a local file (whether it exists and fits is checked with the models,
+    by :mod:`attnbench.experiment_check`)."""
+    value = raw.get("checkpoint") if isinstance(raw, dict) else None
+    if value is None:
+        return None
+    from attnbench.checkpoints import SUFFIXES
+
+    path = r.string(value, "model.checkpoint")
+    if not path.endswith(SUFFIXES):
+        r.fail("model.checkpoint", f"expected a file ending in {', '.join(SUFFIXES)}, got {path!r}")
+    return path
+
+
+def _save_checkpoint(r: _Reader, raw: Any) -> tuple[Any, bool]:
+    """(``train`` without ``save_checkpoint``, its value)."""
+    if not isinstance(raw, dict) or SAVE_CHECKPOINT not in raw:
+        return raw, False
+    rest = {k: v for k, v in raw.items() if k != SAVE_CHECKPOINT}
+    return rest, r.boolean(raw[SAVE_CHECKPOINT], f"train.{SAVE_CHECKPOINT}")
 
 
 def _data(r: _Reader, raw: Any) -> tuple[str, Optional[str], dict]:
@@ -595,7 +624,7 @@ def _train(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     hints = typing.get_type_hints(TrainConfig)
-    spec = r.mapping(raw, "train", tuple(fields))
+    spec = r.mapping(raw, "train", (*fields, SAVE_CHECKPOINT))
     # The resolved augmentation is always stored, so every result row says what was (not) applied.
     out = {"augment": _augment(r, spec.get("augment"), dataset, data_options)}
     for key, value in spec.items():
@@ -603,6 +632,8 @@ def _train(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
             r.fail(f"train.{key}", f"is set by attnbench: {_TRAIN_SET_BY_SWEEP[key]}; remove it")
         if key == "augment":
             continue
+        if key == SAVE_CHECKPOINT:   # reaches here only in a teacher's recipe
+            r.fail(f"train.{key}", "is a study setting; give it in the experiment's own 'train'")
         kind, optional = _field_kind(hints[key])
         field = f"train.{key}"
         if value is None and optional:

@@ -299,12 +299,41 @@ class _Check:
                     if not self.patches(model, arch, facts.img_size, param):
                         return
                     model(torch.zeros(shape))   # shapes: a token grid a variant cannot take fails here
+                self.checkpoint_fits(model, config)
                 return
             except Exception as err:  # noqa: BLE001 - reported in one line (the CPU's error, if both fail)
                 error = err
         self.problem(probe.field, f"configuration '{config.label}' ({config.variant}, options "
                                   f"{json.dumps(config.options, sort_keys=True, default=str)}) cannot be built "
                                   f"and run: {type(error).__name__}: {_one_line(str(error))}")
+
+    # --- a checkpoint the models start from ----------------------------------------------------
+
+    def checkpoint_state(self) -> Optional[dict]:
+        """The state dict of ``model.checkpoint`` (read once), or None (none given, or a problem)."""
+        if self.e.checkpoint is None:
+            return None
+        if not hasattr(self, "_checkpoint"):
+            from attnbench.checkpoints import CheckpointError, read_state_dict
+
+            try:
+                self._checkpoint = read_state_dict(self.e.checkpoint)
+            except CheckpointError as err:
+                self.problem("model.checkpoint", str(err))
+                self._checkpoint = None
+        return self._checkpoint
+
+    def checkpoint_fits(self, model, config: VariantConfig) -> None:
+        from attnbench import models
+
+        state = self.checkpoint_state()
+        if state is None:
+            return
+        problem = models.checkpoint_fit_problem(model, state)
+        if problem:
+            # the same words for every configuration it misfits: one line
+            self.problem("model.checkpoint", f"checkpoint '{self.e.checkpoint}' does not fit '{model_name(model)}'"
+                                             f": {problem}")
 
     def _param_at(self, field: str) -> Optional[ParamSpec]:
         for param in (*self.e.search, *(p for c in self.e.configs for p in c.search)):
@@ -327,6 +356,10 @@ def patch_problem(model, arch: str, img_size: int) -> Optional[str]:
     return (f"image size {img_size} is not a multiple of the patch size {side} of '{arch}': "
             f"{img_size % side} row(s) and column(s) of pixels would be dropped "
             f"(use image size {sizes}, or a model with another patch size)")
+
+
+def model_name(model) -> str:
+    return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
 
 
 def _keywords(cls: type) -> Optional[list[str]]:

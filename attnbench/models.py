@@ -25,7 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from attnbench import registry
+from attnbench import checkpoints, registry
 from attnbench.suggest import did_you_mean
 from attnbench.variant import AttentionVariant
 
@@ -35,6 +35,8 @@ __all__ = [
     "SwapReport",
     "create_model",
     "load_checkpoint",
+    "load_state",
+    "checkpoint_fit_problem",
     "swap_attention",
     "variant_layers",
     "castle",
@@ -167,44 +169,76 @@ def create_model(arch: str, variant: Union[str, type[AttentionVariant]] = "softm
     return model
 
 
-def _read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelError(f"checkpoint '{path}' does not exist or is not a file")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ModelError(f"checkpoint '{path}' could not be read as a state dict: {type(err).__name__}: {err}") from err
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"checkpoint '{path}' holds no state dict of tensors")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-
-
 def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> dict[str, Any]:
-    """Load a local state dict into ``model`` where names and shapes agree.
+    """Load a local state dict (:func:`attnbench.checkpoints.read_state_dict`) into ``model`` where
+    names and shapes agree; see :func:`load_state`.
+
+    Raises:
+        ModelError: the file is missing or unreadable, or shares no weight with the model.
+    """
+    try:
+        state = checkpoints.read_state_dict(path)
+    except checkpoints.CheckpointError as err:
+        raise ModelError(str(err)) from None
+    return load_state(model, state, os.fspath(path))
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+    """Load ``state`` into ``model`` where names and shapes agree.
+
+    Keys another timm ViT layout uses (OpenCLIP, DINOv2, ...) are mapped by timm's
+    ``checkpoint_filter_fn`` first, when the state is not already in this model's own names.
 
     Returns a report ``{"path", "loaded", "missing", "unexpected", "mismatched"}`` (lists of
     keys): ``missing`` are the model's own keys the checkpoint lacks (a variant's extra
     parameters such as ``dconv.weight``), ``mismatched`` those skipped for a different shape
     (a classifier head for another number of classes).
     """
-    state = _read_state_dict(path)
     own = model.state_dict()
-    mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
-    usable = {k: v for k, v in state.items() if k in own and k not in mismatched}
-    if not usable:
-        raise ModelError(f"checkpoint '{path}' shares no parameter names and shapes with the model")
-    result = model.load_state_dict(usable, strict=False)
-    return {"path": os.fspath(path), "loaded": sorted(usable), "missing": sorted(result.missing_keys),
-            "unexpected": sorted(k for k in state if k not in own), "mismatched": mismatched}
+    state = _timm_keys(model, state, own)
+    match = checkpoints.match_state(own, state)
+    if not match.loaded:
+        raise ModelError(f"checkpoint '{source}' shares no parameter names and shapes with the model")
+    model.load_state_dict({k: state[k] for k in match.loaded}, strict=False)
+    return {"path": source, "loaded": list(match.loaded), "missing": list(match.new),
+            "unexpected": list(match.unused), "mismatched": list(match.mismatched)}
+
+
+def _timm_keys(model: nn.Module, state: dict[str, torch.Tensor], own: dict) -> dict[str, torch.Tensor]:
+    if set(state) <= set(own) or not isinstance(model, VisionTransformer):
+        return state
+    try:
+        return checkpoint_filter_fn(dict(state), model)
+    except Exception:  # noqa: BLE001 - not a layout timm knows: matched by name as it is
+        return state
+
+
+def checkpoint_fit_problem(model: nn.Module, state: dict[str, torch.Tensor]) -> Optional[str]:
+    """Why ``state`` does not fit ``model`` as its starting weights (one line), or None.
+
+    It fits when every weight outside the attention layers and the classifier is in it with the
+    model's shape and it has no weight the model lacks outside those: a variant's own new
+    parameters (``dconv``) may be absent, and a classifier for another number of classes is
+    started afresh. ``model`` may live on the meta device (shapes only).
+    """
+    own = model.state_dict()
+    state = _timm_keys(model, state, own)
+    match = checkpoints.match_state(own, state)
+    attention = tuple(f"{name}." for name, _ in variant_layers(model))
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    free = lambda key: key.startswith(attention) or key.startswith(f"{classifier}.")  # noqa: E731
+    wrong = [k for k in match.mismatched if not free(k)]
+    if wrong:
+        k = wrong[0]
+        return (f"{len(wrong)} weight(s) have another shape than the model's, e.g. '{k}': checkpoint "
+                f"{tuple(state[k].shape)}, model {tuple(own[k].shape)} (another architecture or model.kwargs?)")
+    lacking = [k for k in match.new if not free(k)]
+    if lacking:
+        return f"it lacks {len(lacking)} of the model's weights, e.g. '{lacking[0]}' (another architecture?)"
+    extra = [k for k in match.unused if not free(k)]
+    if extra:
+        return f"it has {len(extra)} weight(s) the model lacks, e.g. '{extra[0]}' (another architecture?)"
+    return None
 
 
 # --- swapping attention into a built model ------------------------------------------------------

@@ -71,8 +71,10 @@ def _parse_run(spec: str) -> tuple[str, dict]:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write every result, with its history, to this JSON file.")
+@click.option("--save", "save_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the evaluated checkpoint's weights (one RUN) to this .safetensors or .pt file.")
 def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, model_items: tuple, progress: bool,
-                  json_file, **config_values) -> None:
+                  json_file, save_path, **config_values) -> None:
     """Train each RUN with the same data, model and budget; report test top-1 before and after castling.
 
     RUN is a variant name with optional options, VARIANT[:KEY=VALUE,...], e.g.
@@ -86,12 +88,20 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
     from attnbench.train import TrainConfig, default_arch, fit, resolve_device
     from attnbench.variant import parse_options
 
+    from attnbench import checkpoints
+
     from attnbench.experiment_check import patch_problem
     from attnbench.paths import file_problem
 
     if json_file is not None and (problem := file_problem(json_file, "for --json")):
         fail(f"--json: {problem}")   # before training: a result is never lost to a bad path
     specs = runs or ("softmax",)
+    if save_path is not None:
+        if len(specs) > 1:
+            fail(f"--save: one file holds one model; give one RUN, not {len(specs)}")
+        problem = checkpoints.check_path(save_path)
+        if problem:
+            fail(f"--save {problem}")
     parsed = [_parse_run(spec) for spec in specs]
     for name, options in parsed:   # every run is checked before any trains
         cls = _variant_or_fail(name).cls
@@ -144,6 +154,10 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
         res = fit(model, splits, config, progress=progress, label=name)
         results.append({"run": spec, "variant": name, "options": options, "arch": arch, "data": splits.summary(),
                         **dataclasses.asdict(res), "curves": res.curves(), "still_improving": res.still_improving})
+        if save_path is not None and res.ok:   # the evaluated checkpoint's weights (castling adds none)
+            results[-1]["saved"] = str(checkpoints.save_state_dict(model.state_dict(), save_path))
+            console.print(f"{spec}: weights ({res.checkpoint} checkpoint) saved to {save_path}", highlight=False,
+                          markup=False)
         if not res.ok:
             table.add_row(Text(label), Text("failed", "red"), *[""] * 6)
             console.print(f"{spec}: failed: {res.error}", highlight=False, markup=False)

@@ -158,6 +158,10 @@ COLUMNS: tuple[Column, ...] = (
     _c("mask_density_end", _F, "fraction", "Castling mask density at the checkpoint, mean over layers", _TR),
     _c("branch_ratio_end", _F, "", "Castling |S v| / |y| at the checkpoint, mean over layers", _TR),
     _c("mask_density_curve", _S, "", "JSON: [{progress, layer, mask_density, branch_ratio}] over training", _TR),
+    _c("init_checkpoint", _S, "", "model.checkpoint: the local file the model started from (null: initialised "
+                                  "from the seed)", _TR),
+    _c("checkpoint_path", _S, "", "train.save_checkpoint: the file holding this seed's evaluated weights, relative "
+                                  "to the study's results folder", _TR),
     _c("train_device", _S, "", "device the model was trained on", _TR),
     _c("train_threads", _I, "", "torch threads during training", _TR),
     # --- speed and memory -------------------------------------------------------------------------

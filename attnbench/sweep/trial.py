@@ -28,6 +28,9 @@ from attnbench.sweep.study import ERROR_ATTR, EXPERIMENT_ATTR, INTERRUPTED_ATTR,
 from attnbench.train import TrainConfig, TrainResult, default_arch, fit
 
 
+CHECKPOINTS_DIR = "checkpoints"   # under results/<study>/: train.save_checkpoint's files
+
+
 class TrialFailed(Exception):
     """A trial that failed for a reason worth recording (diverged, out of budget, crashed)."""
 
@@ -148,12 +151,21 @@ def _row(ctx: TrialContext, trial: optuna.Trial, key: int, config: VariantConfig
         "data_seed": s.seed, "num_classes": s.num_classes, "in_chans": s.in_chans, "img_size": s.img_size,
         "n_train": len(s.train), "n_val": len(s.val), "n_test": len(s.test),
         "sampler": e.sampler, "sampler_seed": ctx.sampler_seed, "worker": ctx.worker,
-        "status": status, "error": error, "wall_time_s": wall,
+        "status": status, "error": error, "wall_time_s": wall, "init_checkpoint": e.checkpoint,
         **costs, **ctx.environment,
     }
     if result is not None:
         row.update(_result_columns(result))
     return schema.check_row(row)
+
+
+def save_seed_checkpoint(ctx: TrialContext, key: int, seed: int, model) -> str:
+    """Write a seed's evaluated weights under the study's folder; the path relative to it."""
+    from attnbench import checkpoints
+
+    relative = f"{CHECKPOINTS_DIR}/trial-{key:05d}-seed-{seed}{checkpoints.default_suffix()}"
+    checkpoints.save_state_dict(model.state_dict(), ctx.results / relative)
+    return relative
 
 
 def _result_columns(result: TrainResult) -> dict[str, Any]:
@@ -212,7 +224,10 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
         results, last_model = [], None
         for index, seed in enumerate(e.seeds):
             seed_start = time.perf_counter()
-            model = _build(ctx, config, seed).to(ctx.device)
+            model = _build(ctx, config, seed)
+            if e.checkpoint is not None:   # checked to fit before the sweep began
+                models.load_checkpoint(model, e.checkpoint)
+            model = model.to(ctx.device)
             report = _pruning_reporter(trial, e, prunable) if index == 0 else None
             try:
                 result = fit(model, ctx.splits, TrainConfig(**{**e.train, "seed": seed, "device": ctx.device}),
@@ -228,6 +243,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
             results.append(result)
             rows.append(_row(ctx, trial, key, config, seed, costs, result, "complete", None,
                              time.perf_counter() - seed_start))
+            if e.save_checkpoint:
+                rows[-1]["checkpoint_path"] = save_seed_checkpoint(ctx, key, seed, model)
             last_model, seed = model, None
         speed = _speed(ctx, config, models.castle(last_model))
         for row in rows:
