@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -76,11 +76,11 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: PathLike) -> Path:
         raise CheckpointError(problem)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
+    # a fresh name beside it, created as open() creates files (the umask's mode, not owner-only)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         if path.suffix == ".safetensors":
-            _safetensors().save_file(tensors, scratch)
+            _safetensors().save_file(tensors, str(scratch))
         else:
             torch.save(tensors, scratch)
         os.replace(scratch, path)

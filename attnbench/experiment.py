@@ -59,7 +59,7 @@ MAX_SAMPLER_SEED = (2**32 - 1) // 1000 - 1   # a worker's sampler seed is seed x
 _MEASURE_MAX = {"batch_size": 4096, "repeats": 10_000, "threads": 1024}
 #: The top-level fields of an experiment file (docs/experiments.md describes each).
 TOP_LEVEL_FIELDS = ("name", "description", "model", "data", "train", "seeds", "variants", "baseline", "search",
-                    "sampler", "objectives", "budget", "pruning", "storage", "measure", "constraints")
+                    "sampler", "objectives", "budget", "pruning", "storage", "measure", "constraints", "convert")
 CONFIG_FIELDS = ("label", "variant", "options", "search")   # the fields of one entry under 'variants'
 MODEL_FIELDS = ("arch", "kwargs", "checkpoint")
 SAVE_CHECKPOINT = "save_checkpoint"   # train.save_checkpoint: not a TrainConfig field (the sweep saves)
@@ -177,6 +177,7 @@ class Experiment:
     baseline: Optional[str] = None   # the label of the configuration never pruned
     checkpoint: Optional[str] = None  # model.checkpoint: a local file every trial's model starts from
     save_checkpoint: bool = False     # train.save_checkpoint: keep each seed's evaluated weights
+    convert: Optional[Any] = None     # a conversion study's attnbench.convert.ConvertSpec
 
     @property
     def multi_objective(self) -> bool:
@@ -486,6 +487,14 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
     storage = top.get("storage")
     if storage is not None:
         storage = r.string(storage, "storage")
+    from attnbench.convert.spec import parse_convert
+
+    convert = parse_convert(r, top.get("convert"), train, dataset, data_options)
+    if convert is not None and pruning:
+        r.fail("pruning", "a conversion study reports every configuration in full; set 'pruning: false'")
+    if convert is not None and checkpoint is not None:
+        r.fail("model.checkpoint", "a conversion study starts from its teacher; give the file as "
+                                   "'convert.teacher.checkpoint'")
     measure = _measure(r, top.get("measure"))
     _objectives_measured(r, objectives, measure)
     max_macs = _constraints(r, top.get("constraints"))
@@ -500,7 +509,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
         train=train, seeds=seeds, configs=configs, search=search, sampler=sampler, sampler_seed=sampler_seed,
         objectives=objectives, trials=trials, timeout_s=timeout_s, pruning=pruning, storage=storage,
         measure=measure, max_macs=max_macs, baseline=baseline, checkpoint=checkpoint,
-        save_checkpoint=save_checkpoint)
+        save_checkpoint=save_checkpoint, convert=convert)
     if sampler == "grid":
         try:
             size = experiment.grid_size()

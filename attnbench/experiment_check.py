@@ -105,6 +105,7 @@ def check_experiment(experiment: Experiment, *, device: str = "auto",
     loader = data_loader(experiment)
     if check.data_and_models(loader):
         check.configurations(loader)
+        check.conversion()
     if check.problems:
         raise ExperimentRefused(check.problems)
     return CheckedExperiment(experiment, resolved, loader)
@@ -306,6 +307,21 @@ class _Check:
         self.problem(probe.field, f"configuration '{config.label}' ({config.variant}, options "
                                   f"{json.dumps(config.options, sort_keys=True, default=str)}) cannot be built "
                                   f"and run: {type(error).__name__}: {_one_line(str(error))}")
+
+    # --- a conversion study's teacher ----------------------------------------------------------
+
+    def conversion(self) -> None:
+        if self.e.convert is None:
+            return
+        from attnbench.convert.check import check
+
+        facts = self.facts()
+        for field, message in check(self.e, facts.arch, {**facts.model_kwargs(), **self.e.model_kwargs}):
+            self.problem(field, message)
+
+    def facts(self) -> "_DataFacts":
+        """What the model needs from the experiment's data (after :meth:`data_and_models`)."""
+        return self.data_facts[json.dumps({}, sort_keys=True, default=str)]
 
     # --- a checkpoint the models start from ----------------------------------------------------
 

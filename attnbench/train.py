@@ -39,7 +39,7 @@ from attnbench.data.augment import Augmentation, BatchAugmenter
 from attnbench.precision_names import Precision
 
 __all__ = ["CURVES", "TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device",
-           "default_arch"]
+           "default_arch", "make_optimizer", "optimizer_step", "shuffled_batches", "run_settings", "to_device"]
 
 #: The per-epoch history values kept as learning curves (result columns ``curve_<name>``).
 CURVES = ("train_loss", "train_top1", "val_top1", "val_loss", "lr")
@@ -260,7 +260,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 # --- batches ------------------------------------------------------------------------------------
 
-def _to_device(ds: Dataset, device: torch.device) -> Dataset:
+def to_device(ds: Dataset, device: torch.device) -> Dataset:
     return ds.to(device) if hasattr(ds, "batch") and hasattr(ds, "to") else ds
 
 
@@ -319,7 +319,7 @@ def evaluate(model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: Un
 # --- the run ------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _run_settings(config: TrainConfig, device: torch.device):
+def run_settings(config: TrainConfig, device: torch.device):
     """Deterministic algorithms, thread count and random state for the run; all restored afterwards
     (the process environment included: cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when the run's
     first matmul creates its workspace, so it is set only for the run)."""
@@ -391,7 +391,7 @@ def _finite(value: torch.Tensor) -> bool:
 
 def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = None, *,
         progress: Union[bool, Any] = True, callback: Optional[Callable[[dict[str, Any]], None]] = None,
-        label: str = "") -> TrainResult:
+        label: str = "", on_step: Optional[Callable[[int, nn.Module], None]] = None) -> TrainResult:
     """Train ``model`` on ``splits`` and evaluate its best-validation checkpoint, before and after castling.
 
     The model is changed in place: it ends with the evaluated checkpoint's weights, castled
@@ -407,6 +407,8 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
         callback: called with each epoch's history record after validation (an Optuna
             pruning hook may raise from it; the exception propagates).
         label: prefix of the progress bar descriptions.
+        on_step: called with (updates so far, model) after each update, the model in training
+            mode (it must leave it so, and leave the random state alone: evaluate a copy).
 
     Returns:
         A :class:`TrainResult`; ``status="failed"`` with the reason when the loss became NaN
@@ -429,19 +431,16 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
     result = TrainResult(status="ok", checkpoint=config.checkpoint, total_steps=total_steps, device=str(device),
                          config=dataclasses.asdict(config))
 
-    with _run_settings(config, device):
+    with run_settings(config, device):
         result.num_threads = torch.get_num_threads()
         torch.manual_seed(config.seed)
         if device.type == "cuda":
             torch.cuda.manual_seed_all(config.seed)
         shuffle = torch.Generator().manual_seed(config.seed)
         model.to(device)
-        train_ds, val_ds, test_ds = (_to_device(ds, device) for ds in (splits.train, splits.val, splits.test))
+        train_ds, val_ds, test_ds = (to_device(ds, device) for ds in (splits.train, splits.val, splits.test))
 
-        optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
-        warmup = int(round(config.warmup_fraction * total_steps))
-        scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=config.min_lr, warmup_t=warmup,
-                                      warmup_lr_init=config.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+        optimizer, scheduler = make_optimizer(model, config, total_steps)
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         if augmenter.soft_targets:   # mixed batches: the smoothing is in the soft targets already
             criterion = SoftTargetCrossEntropy()
@@ -475,15 +474,8 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
                             f"{kind} loss at step {step} (epoch {epoch}, progress {step / total_steps:.3f}): "
                             f"task loss {float(task_loss.detach()):.4g}, regularization {float(reg.detach()):.4g}, "
                             f"lr {optimizer.param_groups[0]['lr']:.3g}")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if config.clip_grad is not None:
-                        scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones
-                        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                    scaler.step(optimizer)   # float16: skipped when a gradient overflowed
-                    scaler.update()
                     step += 1
-                    scheduler.step_update(num_updates=step)
+                    optimizer_step(model, loss, optimizer, scheduler, scaler, config, step)
                     batch = y.shape[0]
                     loss_sum += float(task_loss.detach()) * batch
                     reg_sum += float(reg.detach()) * batch
@@ -493,6 +485,8 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
                     if (config.log_every and step % config.log_every == 0) or (not config.log_every and last_of_epoch):
                         _log_diagnostics(result.diagnostics, model, step, epoch, (step - 1) / total_steps)
                     bar.step(f"loss {float(task_loss.detach()):.3f}")
+                    if on_step is not None:
+                        on_step(step, model)
                     if config.time_budget_s is not None and time.perf_counter() - train_start > config.time_budget_s:
                         result.stopped = "time_budget"
                         break
@@ -528,6 +522,37 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
             _evaluate_checkpoint(model, best, test_ds, val_ds, evaluate_kw, result)
     result.wall_time_s = time.perf_counter() - wall_start
     return result
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
+    """(AdamW by timm's rules, warm-up + cosine over ``total_steps`` updates) for ``model``'s
+    parameters that require gradients."""
+    optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(round(config.warmup_fraction * total_steps))
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup, 1), lr_min=config.min_lr,
+                                  warmup_t=warmup, warmup_lr_init=config.warmup_lr, warmup_prefix=True,
+                                  t_in_epochs=False)
+    return optimizer, scheduler
+
+
+def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer, scheduler, scaler, config: TrainConfig,
+                   step: int) -> None:
+    """One update from ``loss``: backward (scaled for float16), clip, step; the schedule set for update ``step``."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if config.clip_grad is not None:
+        scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+    scaler.step(optimizer)   # float16: skipped when a gradient overflowed
+    scaler.update()
+    scheduler.step_update(num_updates=step)
+
+
+def shuffled_batches(ds: Dataset, batch_size: int, generator: torch.Generator, device: torch.device,
+                     num_workers: int = 0):
+    """Endless (x, y) training batches: epoch after epoch, each in a fresh order drawn from ``generator``."""
+    while True:
+        yield from _batches(ds, batch_size, torch.randperm(len(ds), generator=generator), device, num_workers)
 
 
 def _log_diagnostics(log: list, model: nn.Module, step: int, epoch: int, progress: float) -> None:

@@ -233,6 +233,14 @@ def _print_plan(checked) -> None:
         priority=("configuration", "variant", "options", "MACs (inference)", "params", "attention MACs", "tokens"),
         omitted_note=lambda omitted, width: f"Left out to fit {width} columns: {', '.join(omitted)} (a wider "
                                             f"terminal shows them)."))
+    if experiment.convert is not None:
+        from attnbench.convert.check import plan_lines
+
+        splits = checked.data({})
+        kwargs = dict(num_classes=splits.num_classes, in_chans=splits.in_chans, img_size=splits.img_size,
+                      **experiment.model_kwargs)
+        for line in plan_lines(experiment, arch, kwargs, [config for config, _ in rows]):
+            console.print(escape(line), highlight=False, soft_wrap=True)
     n_trials = experiment.n_trials()
     continuous = "" if experiment.plan() else \
         f" (continuous search space: configurations sampled by {experiment.sampler})"

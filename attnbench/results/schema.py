@@ -26,7 +26,7 @@ __all__ = ["SCHEMA_VERSION", "KINDS", "TRIAL", "BENCHMARK", "Column", "COLUMNS",
            "SchemaError"]
 
 #: Version of the row layout below; stored in every row and in each file's metadata.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 TRIAL = "trial"
 BENCHMARK = "benchmark"
@@ -64,7 +64,8 @@ def _c(name, type_, unit, meaning, kinds=_BOTH, objective=None, since=2) -> Colu
 
 
 _S, _I, _F, _B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
-_LF = pa.list_(pa.float64())   # one value per epoch
+_LF = pa.list_(pa.float64())   # one value per epoch (or per point of a curve)
+_LI = pa.list_(pa.int64())
 _T = pa.timestamp("us", tz="UTC")
 _TR, _BE = (TRIAL,), (BENCHMARK,)
 _MAX, _MIN = "maximize", "minimize"
@@ -159,9 +160,29 @@ COLUMNS: tuple[Column, ...] = (
     _c("branch_ratio_end", _F, "", "Castling |S v| / |y| at the checkpoint, mean over layers", _TR),
     _c("mask_density_curve", _S, "", "JSON: [{progress, layer, mask_density, branch_ratio}] over training", _TR),
     _c("init_checkpoint", _S, "", "model.checkpoint: the local file the model started from (null: initialised "
-                                  "from the seed)", _TR),
+                                  "from the seed)", _TR, since=4),
     _c("checkpoint_path", _S, "", "train.save_checkpoint: the file holding this seed's evaluated weights, relative "
-                                  "to the study's results folder", _TR),
+                                  "to the study's results folder", _TR, since=4),
+    # --- conversion studies (convert:): a trained teacher swapped into each configuration ----------
+    _c("teacher_top1", _F, "%", "conversion: the teacher's test top-1 (inference form)", _TR, since=4),
+    _c("teacher_val_top1", _F, "%", "conversion: the teacher's validation top-1 (the recovery curve's reference)",
+       _TR, since=4),
+    _c("teacher_checkpoint", _S, "", "conversion: the teacher's file (relative to the study's results folder when "
+                                     "trained there)", _TR, since=4),
+    _c("top1_zero_shot", _F, "%", "conversion: test top-1 with the teacher's weights loaded, before any training "
+                                  "(inference form)", _TR, since=4),
+    _c("top1_after_transfer", _F, "%", "conversion: test top-1 after attention transfer (inference form); top1 is "
+                                       "after fine-tuning", _TR, since=4),
+    _c("attention_mse_zero_shot", _F, "", "conversion: per-layer MSE of the attention outputs to the teacher's "
+                                          "(given its inputs), mean over layers, before transfer", _TR, since=4),
+    _c("attention_mse_after_transfer", _F, "", "conversion: the same after attention transfer", _TR, since=4),
+    _c("recovery_steps", _LI, "updates", "conversion: the updates at which the recovery curve was measured (0: "
+                                         "zero-shot; transfer first, then fine-tuning)", _TR, since=4),
+    _c("recovery_val_top1", _LF, "%", "conversion: validation top-1 (inference form) at each of recovery_steps",
+       _TR, since=4),
+    _c("convert_keys", _S, "", "conversion: JSON {loaded: count, new: {key: how it started (zero or init)}, "
+                               "unused: [teacher keys not loaded]}", _TR, since=4),
+    _c("convert_config", _S, "", "conversion: JSON, the convert block as run", _TR, since=4),
     _c("train_device", _S, "", "device the model was trained on", _TR),
     _c("train_threads", _I, "", "torch threads during training", _TR),
     # --- speed and memory -------------------------------------------------------------------------

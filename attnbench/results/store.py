@@ -135,6 +135,10 @@ def _coerce_list(column: schema.Column, value: Any, where: str) -> list:
     items = [_plain(v) for v in value]
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
         raise StoreError(f"{where}: column '{column.name}' expects a list of numbers, got {value!r}")
+    if pa.types.is_integer(column.type.value_type):
+        if not all(float(v).is_integer() for v in items):
+            raise StoreError(f"{where}: column '{column.name}' expects a list of integers, got {value!r}")
+        return [int(v) for v in items]
     return [float(v) for v in items]
 
 

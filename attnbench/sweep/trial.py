@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import optuna
 from optuna.trial import TrialState
 
-from attnbench import kernels, measure, models, precision, provenance, registry
+from attnbench import convert, kernels, measure, models, precision, provenance, registry
 from attnbench.experiment import CONFIG_PARAM, Experiment, ParamSpec, VariantConfig
 from attnbench.experiment_check import CheckedExperiment
 from attnbench.results import schema, store
@@ -79,13 +79,13 @@ def _suggest_one(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
     return trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
 
 
-def _model_kwargs(ctx: TrialContext) -> dict[str, Any]:
+def model_kwargs(ctx: TrialContext) -> dict[str, Any]:
     s = ctx.splits
     return dict(num_classes=s.num_classes, in_chans=s.in_chans, img_size=s.img_size, **ctx.experiment.model_kwargs)
 
 
 def _build(ctx: TrialContext, config: VariantConfig, seed: int):
-    return models.create_model(ctx.arch, config.variant, config.options, seed=seed, **_model_kwargs(ctx))
+    return models.create_model(ctx.arch, config.variant, config.options, seed=seed, **model_kwargs(ctx))
 
 
 def _input_shape(ctx: TrialContext) -> tuple[int, int, int]:
@@ -116,7 +116,7 @@ def _speed(ctx: TrialContext, config: VariantConfig, model) -> dict[str, Any]:
                    samples_per_s=lat.samples_per_s)
     if spec.memory:
         build = functools.partial(_castled_model, ctx.arch, config.variant, config.options, trained_in, ctx.device,
-                                  **_model_kwargs(ctx))
+                                  **model_kwargs(ctx))
         mem = measure.peak_memory(build, (spec.batch_size, *_input_shape(ctx)), device=ctx.device,
                                   threads=spec.threads)
         # The forward's own peak; the process peak is mostly the interpreter and torch itself.
@@ -134,7 +134,8 @@ def _castled_model(arch: str, variant: str, options: dict, precision_name: str, 
 
 
 def _row(ctx: TrialContext, trial: optuna.Trial, key: int, config: VariantConfig, seed: int,
-         costs: dict, result: Optional[TrainResult], status: str, error: Optional[str], wall: float) -> dict[str, Any]:
+         costs: dict, result: Optional[TrainResult], status: str, error: Optional[str], wall: float,
+         conversion: Optional["convert.ConvertOutcome"] = None) -> dict[str, Any]:
     """One (trial, seed) row with its provenance (columns: :mod:`attnbench.results.schema`)."""
     e = ctx.experiment
     s = ctx.splits
@@ -156,6 +157,8 @@ def _row(ctx: TrialContext, trial: optuna.Trial, key: int, config: VariantConfig
     }
     if result is not None:
         row.update(_result_columns(result))
+    if conversion is not None:
+        row.update(conversion.columns)
     return schema.check_row(row)
 
 
@@ -229,20 +232,25 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
                 models.load_checkpoint(model, e.checkpoint)
             model = model.to(ctx.device)
             report = _pruning_reporter(trial, e, prunable) if index == 0 else None
+            conversion = None
             try:
-                result = fit(model, ctx.splits, TrainConfig(**{**e.train, "seed": seed, "device": ctx.device}),
-                             callback=report, progress=False)
+                if e.convert is not None:   # a conversion study: the teacher's weights, transfer, fine-tuning
+                    conversion = convert.convert_seed(ctx, config, seed, model)
+                    result = conversion.result
+                else:
+                    result = fit(model, ctx.splits, TrainConfig(**{**e.train, "seed": seed, "device": ctx.device}),
+                                 callback=report, progress=False)
             except optuna.TrialPruned:
                 rows.append(_row(ctx, trial, key, config, seed, costs, None, "pruned", None,
                                  time.perf_counter() - seed_start))
                 raise
             if not result.ok:
                 rows.append(_row(ctx, trial, key, config, seed, costs, result, "failed", result.error,
-                                 time.perf_counter() - seed_start))
+                                 time.perf_counter() - seed_start, conversion))
                 raise TrialFailed(f"seed {seed}: {result.error}")
             results.append(result)
             rows.append(_row(ctx, trial, key, config, seed, costs, result, "complete", None,
-                             time.perf_counter() - seed_start))
+                             time.perf_counter() - seed_start, conversion))
             if e.save_checkpoint:
                 rows[-1]["checkpoint_path"] = save_seed_checkpoint(ctx, key, seed, model)
             last_model, seed = model, None
