@@ -221,3 +221,48 @@ def test_a_bad_convert_block_is_refused_in_one_line_before_anything_is_written(t
     assert len(lines) == 1 and "Traceback" not in done.output, done.output
     assert lines[0].startswith(f"error: {path}: field '{field}': ") and message in lines[0], lines[0]
     assert _contents(tmp_path) == before and not results.exists()
+
+
+def _conversion_rows() -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = []
+    teacher_val = 80.0
+    for seed, noise in zip((0, 1, 2), (0.0, 0.4, -0.3)):
+        for label, variant, top1, curve in (("softmax", "softmax", 81.0, [80.0, 80.5, 81.0]),
+                                            ("la", "linear-angular", 78.0, [10.0, 70.0, 79.2]),
+                                            ("none", "identity", 60.0, [10.0, 40.0, 60.0])):
+            rows.append({"kind": "trial", "study": "c", "label": label, "variant": variant, "options": "{}",
+                         "seed": seed, "status": "complete", "top1": top1 + noise, "teacher_top1": 80.5,
+                         "teacher_val_top1": teacher_val, "top1_zero_shot": curve[0], "top1_after_transfer": curve[1],
+                         "recovery_steps": [0, 50, 100], "recovery_val_top1": [v + noise for v in curve],
+                         "convert_config": json.dumps({"transfer_steps": 50, "finetune_steps": 50,
+                                                       "finetune": "all"}), "macs": 1000})
+    return pd.DataFrame(rows)
+
+
+def test_the_report_compares_each_configuration_with_its_teacher_and_plots_the_recovery(tmp_path):
+    from attnbench.results import plots, report
+
+    trials = _conversion_rows()
+    summary = report.summarize(trials).set_index("config")
+    assert summary.loc["la", "top1_zero_shot"] == 10.0 and summary.loc["la", "top1_after_transfer"] == 70.0
+    assert summary.loc["la", "delta_teacher"] == pytest.approx(78.0 + 0.1 / 3 - 80.5)
+    assert summary.loc["la", "test"] == "paired" and summary.loc["la", "beyond_noise"] == "yes"
+    # the mean curve comes within 1 point of the teacher's validation top-1 (80) at update 100 for 'la'
+    assert summary.loc["la", "steps_to_teacher"] == 100 and summary.loc["softmax", "steps_to_teacher"] == 0
+    assert pd_isna(summary.loc["none", "steps_to_teacher"])
+    text = report.export(report.summarize(trials), "markdown")
+    assert "| configuration | n | teacher % | zero-shot % | after transfer % | top-1 % | Δ vs teacher |" in text
+    assert "| none | 3 | 80.50 | 10.00 ± 0.00 | 40.00 ± 0.00 |" in text and "> 100" in text
+    assert "50 updates of attention transfer, then 50 of fine-tuning" in text
+    path = plots.recovery_plot(trials, report.summarize(trials), tmp_path / "recovery.png")
+    assert path is not None and path.stat().st_size > 10_000
+    assert plots.recovery_plot(trials.drop(columns=["recovery_steps"]), report.summarize(trials), tmp_path / "x.png") \
+        is None
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))

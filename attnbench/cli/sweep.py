@@ -233,7 +233,7 @@ def _print_plan(checked) -> None:
         priority=("configuration", "variant", "options", "MACs (inference)", "params", "attention MACs", "tokens"),
         omitted_note=lambda omitted, width: f"Left out to fit {width} columns: {', '.join(omitted)} (a wider "
                                             f"terminal shows them)."))
-    if experiment.convert is not None:
+    if getattr(experiment, "convert", None) is not None:
         from attnbench.convert.check import plan_lines
 
         splits = checked.data({})

@@ -15,12 +15,12 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from attnbench.results import schema
+from attnbench.results import conversion, schema
 from attnbench.terminal import printable
 from attnbench.results.report import KEYS, prepare_trials
 
 __all__ = ["variant_color", "write_plots", "pareto_figure", "pareto_plot", "scaling_plot", "mask_curves",
-           "mask_density_plot"]
+           "mask_density_plot", "recovery_plot"]
 
 _SETUP = schema.names("level", "dim", "heads", "depth", "measure_batch", "device", "threads", "kernel_implementation")
 _MACS, _LATENCY, _VARIANT, _TOKENS, _CURVE = schema.names("macs", "latency_median_ms", "variant", "tokens",
@@ -272,10 +272,55 @@ def mask_density_plot(curves: pd.DataFrame, path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
+_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 3)))
+
+
+@_plain_text
+def recovery_plot(trials: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Optional[Path]:
+    """A conversion study's recovery: validation top-1 against updates (attention transfer, then
+    fine-tuning), one line per configuration (mean over seeds, band: ± one std), coloured by variant
+    (line styles tell apart configurations of one variant), the teacher's validation top-1 as a
+    line; None when the study has no recovery curve."""
+    if trials.empty:
+        return None
+    curves = conversion.recovery_curves(prepare_trials(trials), summary, KEYS)
+    if not curves:
+        return None
+    fig, (ax,) = _figure(1)
+    fig.set_size_inches(7.5, 4.8)
+    seen: dict[str, int] = {}
+    for curve in sorted(curves, key=lambda c: -c["mean"][-1]):   # the legend lists the best first
+        name = curve["variant"] if isinstance(curve["variant"], str) else ""
+        style = _STYLES[seen.get(name, 0) % len(_STYLES)]
+        seen[name] = seen.get(name, 0) + 1
+        color = variant_color(name)
+        ax.plot(curve["steps"], curve["mean"], linestyle=style, color=color, marker="o", ms=2.5,
+                label=f"{printable(str(curve['config']))} (n={curve['n']})")
+        if curve["n"] > 1:
+            ax.fill_between(curve["steps"], curve["mean"] - curve["std"], curve["mean"] + curve["std"], color=color,
+                            alpha=0.15, lw=0)
+    teacher = float(np.nanmean([c["teacher_val"] for c in curves]))
+    ax.axhline(teacher, color="black", lw=1.2, label=f"teacher ({teacher:.2f}%)")
+    ax.axhline(teacher - conversion.WITHIN, color="black", lw=0.6, ls=":",
+               label=f"teacher - {conversion.WITHIN:g} pt")
+    transfer = next((c["transfer_steps"] for c in curves if c["transfer_steps"]), None)
+    if transfer:
+        ax.axvline(transfer, color="0.4", lw=0.8, ls="--")
+        ax.text(transfer, 0.02, " fine-tuning ->", transform=ax.get_xaxis_transform(), fontsize=8, color="0.3")
+        ax.text(transfer, 0.02, "<- transfer ", transform=ax.get_xaxis_transform(), fontsize=8, color="0.3",
+                ha="right")
+    ax.set(xlabel="updates (attention transfer, then fine-tuning)",
+           ylabel="validation top-1 % (inference form; mean ± std over seeds)",
+           title=f"recovery after conversion: study '{printable(str(summary['study'].iloc[0]))}'")
+    ax.grid(True, alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=8)
+    return _save(fig, path)
+
+
 @_plain_text
 def write_plots(summary: pd.DataFrame, trials: pd.DataFrame, bench: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Every plot the data allows, under ``out_dir``: per study ``pareto-<study>.png`` and
-    ``mask-density-<study>.png``, and ``scaling.png`` from benchmark rows. Returns the paths written."""
+    ``mask-density-<study>.png``, ``recovery-<study>.png`` (conversion studies), and ``scaling.png`` from benchmark rows. Returns the paths written."""
     out_dir = Path(out_dir)
     paths = [scaling_plot(bench, out_dir / "scaling.png")]
     if summary.empty:
@@ -284,4 +329,6 @@ def write_plots(summary: pd.DataFrame, trials: pd.DataFrame, bench: pd.DataFrame
     for study in dict.fromkeys(summary["study"]):
         paths.append(pareto_plot(summary[summary["study"] == study], out_dir / f"pareto-{_slug(study)}.png"))
         paths.append(mask_density_plot(curves[curves["study"] == study], out_dir / f"mask-density-{_slug(study)}.png"))
+        paths.append(recovery_plot(trials[trials["study"] == study] if "study" in trials else trials,
+                                   summary[summary["study"] == study], out_dir / f"recovery-{_slug(study)}.png"))
     return [p for p in paths if p is not None]

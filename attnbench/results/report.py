@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from attnbench.results import schema, stats, store
+from attnbench.results import conversion, schema, stats, store
 from attnbench.suggest import did_you_mean
 from attnbench.terminal import printable
 
@@ -142,6 +142,7 @@ def summarize(trials: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFr
     seeds = [dict(zip(done["seed"], pd.to_numeric(done["top1"], errors="coerce")))
              for done in (_complete(group) for _, group in groups)]
     summary = _compare(summary, seeds, baseline)
+    summary = conversion.compare_to_teacher(summary, t, KEYS)   # conversion studies: against their teacher
     summary = _mark_pareto(summary)
     return summary.sort_values(["study", "top1"], ascending=[True, False], na_position="last",
                                kind="stable").reset_index(drop=True)
@@ -438,6 +439,12 @@ _VIEWS: dict[str, tuple[str, Callable]] = {
 #: Views of several summary columns: the name --columns takes -> the columns csv/json export.
 _COMPOSITES = {"delta_ci": ("delta_ci_low", "delta_ci_high")}
 schema.names(*(set(_VIEWS) - set(_DERIVED) - set(_COMPOSITES)))
+_VIEWS.update(conversion.VIEWS)
+
+
+def _columns_of(rows: pd.DataFrame, columns: Sequence[str]) -> Sequence[str]:
+    """The columns a study's table shows: a conversion study's own unless ``--columns`` chose."""
+    return conversion.COLUMNS if tuple(columns) == DEFAULT_COLUMNS and conversion.is_conversion(rows) else columns
 
 
 def _cells(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[list[str], list[list[str]]]:
@@ -457,6 +464,13 @@ def _title(frame: pd.DataFrame, study: str) -> str:
 
 def _legend(frame: pd.DataFrame, columns: Sequence[str]) -> str:
     """What the shown columns mean, in one paragraph; statistics only where the rows have them."""
+    if conversion.is_conversion(frame):   # its own words for top-1 and Δ; the statistics as below
+        own = conversion.legend(frame, columns)
+        return f"{own} {_legend_notes(frame, [c for c in columns if c not in ('top1', 'delta_top1')])}".strip()
+    return _legend_notes(frame, columns)
+
+
+def _legend_notes(frame: pd.DataFrame, columns: Sequence[str]) -> str:
     baseline = next(iter(frame["baseline"].dropna()), "")
     checkpoint = next(iter(frame["checkpoint"].dropna()), None)
     has = lambda column: frame[column].notna().any()  # noqa: E731
@@ -522,20 +536,23 @@ def rich_tables(frame: pd.DataFrame, columns: Sequence[str] = DEFAULT_COLUMNS, w
 
     if priority is None:
         priority = TABLE_PRIORITY if tuple(columns) == DEFAULT_COLUMNS else columns
-    tables = []
+    tables, asked = [], columns
     for study, rows in _studies(frame):
+        columns = _columns_of(rows, asked)
+        order = conversion.PRIORITY if columns is conversion.COLUMNS else priority
         headers, body = _cells(rows, columns)
         # Labels, options and studies are the user's text: FittedTable shows them as plain Text.
         fitted = [FittedColumn(name, header, [cells[i] for cells in body], "left" if name == "config" else "right")
                   for i, (name, header) in enumerate(zip(columns, headers))]
-        tables.append(FittedTable(fitted, title=_title(rows, study), priority=priority, wide=wide,
+        tables.append(FittedTable(fitted, title=_title(rows, study), priority=order, wide=wide,
                                   legend=lambda shown, rows=rows: _legend(rows, shown), omitted_note=_omitted_note))
     return tables
 
 
 def _markdown(frame: pd.DataFrame, columns: Sequence[str]) -> str:
-    parts = []
+    parts, asked = [], columns
     for study, rows in _studies(frame):
+        columns = _columns_of(rows, asked)
         headers, body = _cells(rows, columns)
         line = lambda cells: "| " + " | ".join(map(_markdown_cell, cells)) + " |"  # noqa: E731
         parts += [f"**{_markdown_cell(_title(rows, study))}**", "", line(map(_one_line, headers)),
@@ -580,7 +597,9 @@ def html_page(frame: pd.DataFrame, columns: Sequence[str], images: Sequence[Path
               "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
               "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
               "td:first-child{text-align:left}img{max-width:100%}</style><h1>attnbench report</h1>")
+    asked = columns
     for study, rows in _studies(frame):
+        columns = _columns_of(rows, asked)
         headers, body = _cells(rows, columns)
         out.write(f"<h2>{html.escape(_title(rows, study))}</h2><table><tr>"
                   + "".join(f"<th>{html.escape(_one_line(h))}</th>" for h in headers) + "</tr>")
