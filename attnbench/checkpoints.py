@@ -83,11 +83,24 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: PathLike) -> Path:
             _safetensors().save_file(tensors, str(scratch))
         else:
             torch.save(tensors, scratch)
+        os.chmod(scratch, 0o666 & ~_umask())   # safetensors creates its file owner-only; open() would not
         os.replace(scratch, path)
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask can only be read by changing it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:

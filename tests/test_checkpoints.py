@@ -30,6 +30,7 @@ def test_a_checkpoint_written_by_train_loads_back_bit_for_bit(tmp_path, suffix):
     done = CliRunner().invoke(main, ["train", "softmax", *FAST, "--save", str(path), "--json", str(out)])
     assert done.exit_code == 0, done.output
     assert path.is_file() and not list(path.parent.glob(".*")), "no scratch file is left beside it"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoints._umask(), "created as open() creates files"
     model = _digits_model(seed=123)   # other initial weights: everything must come from the file
     report = models.load_checkpoint(model, path)
     assert report["missing"] == [] and report["unexpected"] == [] and report["mismatched"] == []
