@@ -190,7 +190,7 @@ REFUSALS = [
     ("negative-steps", {"transfer_steps: 4": "transfer_steps: -1"}, "convert.transfer_steps", ">= 0"),
     ("teacher-train-typo", {"max_steps: 4}}": "max_stepz: 4}}"}, "convert.teacher.train.max_stepz",
      "did you mean 'max_steps'?"),
-    ("teacher-lr", {"max_steps: 4}}": "max_steps: 4, lr: -1}}"}, "convert.teacher.train", "lr must be > 0"),
+    ("teacher-lr", {"max_steps: 4}}": "max_steps: 4, lr: -1}}"}, "convert.teacher.train.lr", "lr must be a finite number > 0"),
     ("missing-teacher-file", {"{train: {epochs: 1, max_steps: 4}}": "{checkpoint: TMP/nope.safetensors}"},
      "convert.teacher.checkpoint", "does not exist"),
     ("wrong-teacher-file", {"{train: {epochs: 1, max_steps: 4}}": "{checkpoint: WRONG}"},
@@ -254,7 +254,7 @@ def test_the_report_compares_each_configuration_with_its_teacher_and_plots_the_r
     assert pd_isna(summary.loc["none", "steps_to_teacher"])
     text = report.export(report.summarize(trials), "markdown")
     assert "| configuration | n | teacher % | zero-shot % | after transfer % | top-1 % | Δ vs teacher |" in text
-    assert "| none | 3 | 80.50 | 10.00 ± 0.00 | 40.00 ± 0.00 |" in text and "> 100" in text
+    assert "| none | 3 | 80.50 | 10.00 ± 0.00 | 40.00 ± 0.00 |" in text and "&gt; 100" in text   # Markdown escapes the ">"
     assert "50 updates of attention transfer, then 50 of fine-tuning" in text
     path = plots.recovery_plot(trials, report.summarize(trials), tmp_path / "recovery.png")
     assert path is not None and path.stat().st_size > 10_000
