@@ -65,7 +65,7 @@ def parse_convert(r, raw: Any, train: dict, dataset: str, data_options: dict) ->
     the file and the field), ``train`` the experiment's parsed ``train``."""
     from attnbench.checkpoints import SUFFIXES
     from attnbench.experiment import _check_options, _train, _variant_name
-    from attnbench.variant import did_you_mean
+    from attnbench.suggest import did_you_mean
 
     if raw is None:
         return None
