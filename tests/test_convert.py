@@ -223,7 +223,7 @@ def test_a_bad_convert_block_is_refused_in_one_line_before_anything_is_written(t
     assert _contents(tmp_path) == before and not results.exists()
 
 
-def _conversion_rows() -> "pd.DataFrame":
+def _conversion_rows():
     import pandas as pd
 
     rows = []
