@@ -14,6 +14,8 @@ from attnbench.cli import main
 from attnbench.data import load_dataset
 from attnbench.results import store
 
+from test_refusals import assert_sweep_refused
+
 FAST = ["--max-steps", "3", "--model-option", "depth=1", "--no-progress", "--device", "cpu", "--num-threads", "1",
         "--eval-batch-size", "1024"]
 
@@ -119,10 +121,6 @@ def test_model_checkpoint_starts_every_trial_from_the_file(tmp_path):
     assert (rows["init_checkpoint"] == str(path)).all() and len(rows) == 4
 
 
-def _contents(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>") for p in folder.rglob("*")}
-
-
 @pytest.mark.parametrize("case,message", [
     ("missing", "does not exist or is not a file"),
     ("not-a-state-dict", "could not be read as a state dict"),
@@ -138,16 +136,7 @@ def test_a_checkpoint_that_is_missing_or_does_not_fit_is_refused_up_front(tmp_pa
     elif case == "wider-model":
         checkpoints.save_state_dict(_digits_model(embed_dim=32).state_dict(), path)
     experiment = _experiment(tmp_path, checkpoint=path)
-    results = tmp_path / "results"
-    before = _contents(tmp_path)
-    done = CliRunner().invoke(main, ["sweep", str(experiment), "--results", str(results), "--device", "cpu"],
-                              env={"COLUMNS": "200"})
-    assert done.exit_code == 2, done.output
-    lines = [line for line in done.output.splitlines() if line.strip()]
-    assert len(lines) == 1, done.output
-    assert lines[0].startswith(f"error: {experiment}: field 'model.checkpoint': ") and message in lines[0], lines[0]
-    assert "Traceback" not in done.output
-    assert _contents(tmp_path) == before and not results.exists()
+    assert_sweep_refused(tmp_path, experiment, ["--device", "cpu"], "model.checkpoint", message)
 
 
 def test_a_checkpoint_without_a_variants_new_weights_or_with_another_head_fits():

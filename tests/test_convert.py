@@ -20,6 +20,8 @@ from attnbench.data import load_dataset
 from attnbench.results import store
 from attnbench.train import TrainConfig, evaluate, fit
 
+from test_refusals import assert_sweep_refused
+
 BUILT_IN = registry.list_variants(distribution="attnbench")
 KW = dict(num_classes=10, in_chans=1, img_size=8, depth=2)
 ARCH = "vit_pico_patch2_8"
@@ -169,10 +171,6 @@ def test_dry_run_shows_the_conversion_plan(tmp_path):
     assert not results.exists()
 
 
-def _contents(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>") for p in folder.rglob("*")}
-
-
 def _wrong_teacher(tmp_path: Path) -> str:
     path = tmp_path / "deep.safetensors"
     deeper = models.create_model(ARCH, "softmax", **{**KW, "depth": 2})
@@ -212,15 +210,7 @@ def test_a_bad_convert_block_is_refused_in_one_line_before_anything_is_written(t
                                                                              if "WRONG" in new else ""))
     path = tmp_path / "conv.yaml"
     path.write_text(text)
-    results = tmp_path / "results"
-    before = _contents(tmp_path)
-    done = CliRunner().invoke(main, ["sweep", str(path), "--results", str(results), "--device", "cpu"],
-                              env={"COLUMNS": "200"})
-    assert done.exit_code == 2, done.output
-    lines = [line for line in done.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in done.output, done.output
-    assert lines[0].startswith(f"error: {path}: field '{field}': ") and message in lines[0], lines[0]
-    assert _contents(tmp_path) == before and not results.exists()
+    assert_sweep_refused(tmp_path, path, ["--device", "cpu"], field, message)
 
 
 def _conversion_rows():

@@ -171,14 +171,19 @@ def test_refused_in_one_line_before_anything_is_written(tmp_path, name, text, ar
 
 
 def assert_refused(tmp_path: Path, name: str, text: str, args: list, field, message: str) -> None:
-    """``attnbench sweep`` of ``text`` exits 2 with one line, ``error: FILE: field 'FIELD': ...MESSAGE...``
-    (no field: the file itself), no traceback, and writes nothing (TMP in ``text`` and ``args`` is
-    ``tmp_path``, which holds a file ``a-file``)."""
+    """``attnbench sweep`` of ``text`` is refused as :func:`assert_sweep_refused` says (TMP in ``text``
+    and ``args`` is ``tmp_path``, which holds a file ``a-file``)."""
     (tmp_path / "a-file").write_text("not a folder\n")
     text = text.replace("CIFAR", _cifar_with_corrupt_batch(tmp_path) if "CIFAR" in text else "")
     path = tmp_path / f"{name}.yaml"
     path.write_text(text.replace("TMP", str(tmp_path)))
-    args = [a.replace("TMP", str(tmp_path)) for a in args]
+    assert_sweep_refused(tmp_path, path, [a.replace("TMP", str(tmp_path)) for a in args], field, message)
+
+
+def assert_sweep_refused(tmp_path: Path, path: Path, args: list, field, message: str) -> None:
+    """``attnbench sweep PATH --results TMP/results ARGS`` exits 2 with one line,
+    ``error: FILE: field 'FIELD': ...MESSAGE...`` (no field: the file itself), no traceback, and
+    writes nothing under ``tmp_path``."""
     results = tmp_path / "results"
     before = _contents(tmp_path)
     result = CliRunner().invoke(main, ["sweep", str(path), "--results", str(results), *args],
