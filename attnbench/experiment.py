@@ -18,6 +18,14 @@ compare and/or a search space over variant options, a sampler, objectives and a 
     sampler: grid                   # grid | tpe | nsga2 | random  (or {type: tpe, seed: 0})
     objectives: [{metric: top1, direction: maximize}]
     budget: {trials: 20, timeout_s: 900}
+    across:                         # optional: every configuration at every named point
+      - {label: main}
+      - {label: crop+flip, train: {augment: {crop_padding: 2, hflip: true}}}
+      - {label: 2x epochs, train: {epochs: 16}}
+
+Each point of ``across`` overrides the study's ``train``, ``data`` and ``model`` (mappings merged
+key by key, other values replaced) and is validated as a whole experiment of its own; an error
+that a point's override causes names it (``across[2].train.epochs``).
 
 Every error names the file, the field path and what was expected, in one line. What can only be
 checked by building the models and opening the data is checked by :mod:`attnbench.experiment_check`
@@ -43,7 +51,7 @@ from attnbench.results.schema import BASELINE, OBJECTIVES
 from attnbench.suggest import did_you_mean
 from attnbench.variant import OptionSpec, option_specs, parse_options
 
-__all__ = ["Experiment", "ExperimentError", "ParamSpec", "VariantConfig", "Objective", "MeasureSpec",
+__all__ = ["Experiment", "ExperimentError", "ParamSpec", "VariantConfig", "Objective", "MeasureSpec", "Point",
            "load_experiment", "parse_experiment", "METRICS", "SAMPLERS", "TOP_LEVEL_FIELDS"]
 
 #: Objective metrics a trial reports (means over seeds), with their natural direction: the
@@ -59,9 +67,12 @@ MAX_SAMPLER_SEED = (2**32 - 1) // 1000 - 1   # a worker's sampler seed is seed x
 _MEASURE_MAX = {"batch_size": 4096, "repeats": 10_000, "threads": 1024}
 #: The top-level fields of an experiment file (docs/experiments.md describes each).
 TOP_LEVEL_FIELDS = ("name", "description", "model", "data", "train", "seeds", "variants", "baseline", "search",
-                    "sampler", "objectives", "budget", "pruning", "storage", "measure", "constraints", "convert")
+                    "sampler", "objectives", "budget", "pruning", "storage", "measure", "constraints", "convert",
+                    "across")
 CONFIG_FIELDS = ("label", "variant", "options", "search")   # the fields of one entry under 'variants'
 MODEL_FIELDS = ("arch", "kwargs", "checkpoint")
+POINT_FIELDS = ("label", "train", "data", "model")   # the fields of one entry under 'across'
+POINT_PARAM = "point"     # the Optuna (grid) parameter that picks the point of 'across' a trial runs at
 SAVE_CHECKPOINT = "save_checkpoint"   # train.save_checkpoint: not a TrainConfig field (the sweep saves)
 #: TrainConfig fields a sweep sets itself, per seed and per worker.
 _TRAIN_SET_BY_SWEEP = {"seed": "the sweep trains once per entry of 'seeds'",
@@ -76,7 +87,7 @@ class ExperimentError(ValueError):
     for a command-line option the experiment cannot run with)."""
 
     def __init__(self, source: str, field: str, message: str):
-        self.source, self.field = source, field
+        self.source, self.field, self.message = source, field, message
         where = "" if not field else f"option '{field}': " if field.startswith("--") else f"field '{field}': "
         super().__init__(f"{source}: {where}{message}")
 
@@ -150,6 +161,32 @@ class MeasureSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Point:
+    """One named point of ``across``: what it overrides, and the whole experiment as it runs there."""
+
+    label: str
+    overrides: dict[str, Any]          # {"train": {...}, "data": {...}, "model": {...}} as written
+    experiment: "Experiment" = dataclasses.field(compare=False, repr=False)
+    field: str = dataclasses.field(default="", compare=False)   # e.g. ``across[1]``
+
+    def describe(self) -> str:
+        """The overrides as dotted ``key=value`` pairs ("the study's settings" when none)."""
+        pairs = [f"{key}={json.dumps(value, sort_keys=True, default=str)}"
+                 for key, value in _dotted(self.overrides)]
+        return ", ".join(pairs) if pairs else "the study's settings"
+
+
+def _dotted(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """A validated experiment file."""
 
@@ -178,6 +215,7 @@ class Experiment:
     checkpoint: Optional[str] = None  # model.checkpoint: a local file every trial's model starts from
     save_checkpoint: bool = False     # train.save_checkpoint: keep each seed's evaluated weights
     convert: Optional[Any] = None     # a conversion study's attnbench.convert.ConvertSpec
+    points: tuple[Point, ...] = ()    # across: every configuration runs at every point
 
     @property
     def multi_objective(self) -> bool:
@@ -203,6 +241,8 @@ class Experiment:
         choices = self.config_choices()
         space = {CONFIG_PARAM: choices} if len(choices) > 1 else {}
         space.update({p.name: p.grid_values() for p in self.search})
+        if self.points:
+            space[POINT_PARAM] = [p.label for p in self.points]
         return space
 
     def grid_size(self) -> int:
@@ -232,13 +272,39 @@ class Experiment:
         return VariantConfig(label, base.variant, {**base.options, **options}, data_options, field=base.field)
 
     def plan(self) -> list[VariantConfig]:
-        """Every configuration of the grid (for ``--dry-run``); [] when the space is continuous."""
+        """Every configuration of the grid (for ``--dry-run``), at one point of ``across``; [] when
+        the space is continuous."""
         try:
-            space = self.grid()
+            space = {k: v for k, v in self.grid().items() if k != POINT_PARAM}
         except ValueError:
             return []
         names = list(space)
         return [self.resolve(dict(zip(names, values))) for values in itertools.product(*space.values())]
+
+    def trial_plan(self) -> list[tuple[Optional["Point"], VariantConfig]]:
+        """(point, configuration) of every trial the grid holds: every configuration at every point
+        of ``across`` (point None without it); [] when the space is continuous."""
+        points = self.points or (None,)
+        return [(point, config) for point in points for config in self.at(point and point.label).plan()]
+
+    def point_of(self, params: dict[str, Any]) -> Optional[str]:
+        """The label of the point of ``across`` a trial's parameters pick (None without ``across``)."""
+        return params.get(POINT_PARAM, self.points[0].label) if self.points else None
+
+    def at(self, point: Optional[str]) -> "Experiment":
+        """The experiment as it runs at the point labelled ``point`` (itself without ``across``)."""
+        if not self.points:
+            return self
+        for p in self.points:
+            if p.label == point:
+                return p.experiment
+        raise ValueError(f"no point is labelled '{point}' under 'across' in {self.source} (a trial of an earlier "
+                         f"version of the file?)")
+
+    def point_index(self, point: Optional[str]) -> Optional[int]:
+        """The position of the point labelled ``point`` under ``across`` (None without it)."""
+        labels = [p.label for p in self.points]
+        return labels.index(point) if point in labels else None
 
     def base_label(self, params: dict[str, Any]) -> str:
         """The label, as listed under ``variants``, of the configuration a trial's parameters pick."""
@@ -251,6 +317,8 @@ class Experiment:
         name, the file's path and description, the budget and where the study is stored (a field
         added to the experiment is decisive unless listed here)."""
         decisive = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_DECISIVE}
+        # a point is decided by what it overrides (its experiment follows from that and the rest)
+        decisive["points"] = [{"label": p.label, "overrides": p.overrides} for p in self.points]
         return json.loads(json.dumps(decisive, sort_keys=True, default=str))
 
     def fingerprint(self) -> str:
@@ -510,6 +578,9 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
         objectives=objectives, trials=trials, timeout_s=timeout_s, pruning=pruning, storage=storage,
         measure=measure, max_macs=max_macs, baseline=baseline, checkpoint=checkpoint,
         save_checkpoint=save_checkpoint, convert=convert)
+    if "across" in top:
+        points = _across(r, top["across"], raw, experiment, default_name)
+        experiment = dataclasses.replace(experiment, points=points)
     if sampler == "grid":
         try:
             size = experiment.grid_size()
@@ -528,6 +599,67 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
 
 
 _NAME_MAX_CHARS = 100   # a folder name, with room for the study's files within every file system's limit
+
+
+def _across(r: _Reader, raw: Any, top: dict, experiment: Experiment, default_name: str) -> tuple[Point, ...]:
+    """The points of ``across``: each validated as the whole experiment with its overrides merged in."""
+    if experiment.sampler != "grid":
+        r.fail("across", f"runs every configuration at every point, which needs 'sampler: grid' (this file "
+                         f"has '{experiment.sampler}')")
+    if experiment.convert is not None:
+        r.fail("across", "a conversion study does not take 'across' (its teacher is trained once for the study)")
+    if not isinstance(raw, list) or len(raw) < 2:
+        r.fail("across", f"expected a list of at least two points, each {{label: ..., train: {{...}}, data: "
+                         f"{{...}}, model: {{...}}}}, got {_show(raw)}")
+    base = {k: v for k, v in top.items() if k != "across"}
+    points, seen = [], {}
+    for i, item in enumerate(raw):
+        field = f"across[{i}]"
+        entry = r.mapping(item, field, POINT_FIELDS)
+        if "label" not in entry:
+            r.fail(field, "expected a 'label' naming the point (e.g. {label: no-augment, train: {augment: null}})")
+        label = r.string(entry["label"], f"{field}.label")
+        if label in seen:
+            r.fail(f"{field}.label", f"'{label}' labels {seen[label]} already; each point needs its own label")
+        seen[label] = field
+        overrides = {k: v for k, v in entry.items() if k != "label"}
+        for key, value in overrides.items():
+            if not isinstance(value, dict):
+                r.fail(f"{field}.{key}", f"expected a mapping of the study's '{key}' fields to override, "
+                                         f"got {_show(value)}")
+        try:
+            at = parse_experiment(_merged(base, overrides), r.source, default_name)
+        except ExperimentError as err:
+            raise point_error(err, field, label, overrides) from None
+        points.append(Point(label, json.loads(json.dumps(overrides, default=str)), at, field))
+    return tuple(points)
+
+
+def _merged(base: Any, override: Any) -> Any:
+    """``override`` merged into ``base``: mappings key by key, anything else replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merged(base[k], v) if k in base else v for k, v in override.items()}}
+    return override
+
+
+def overrides_field(overrides: dict, field: str) -> bool:
+    """Whether ``field`` (``train.augment.hflip``) is, or lies inside or above, what a point overrides."""
+    node: Any = overrides
+    for part in field.split("."):
+        if not isinstance(node, dict):
+            return True    # inside a value the point replaces whole (``augment: null``)
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def point_error(err: ExperimentError, field: str, label: str, overrides: dict) -> ExperimentError:
+    """An error of the experiment at a point of ``across``, said where the file causes it: at the
+    point's own field when the point overrides it, else at the study's field, naming the point."""
+    if err.field and not err.field.startswith("--") and overrides_field(overrides, err.field):
+        return ExperimentError(err.source, f"{field}.{err.field}", err.message)
+    return ExperimentError(err.source, err.field, f"{err.message} (at {field}, point '{label}')")
 
 
 def _study_name(r: _Reader, raw: Any, given: bool) -> str:

@@ -7,8 +7,9 @@ folder), every data set the experiment would open (paths, files, option values),
 against the model's patch size (a remainder would be cropped without a word), and every
 configuration built once on the meta device (no memory, no compute): each listed one, each with
 every swept value at the ends of its range or each of its choices, and for the grid sampler
-every point of the grid. Every problem is one line, ``FILE: field 'a.b': ...``, and all of them
-are reported together (:class:`ExperimentRefused`).
+every point of the grid. With ``across``, all of this at every point (a problem a point's
+override causes is named at that point's field). Every problem is one line, ``FILE: field 'a.b':
+...``, and all of them are reported together (:class:`ExperimentRefused`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from attnbench.experiment import DATA_PREFIX, Experiment, ExperimentError, ParamSpec, VariantConfig
+from attnbench.experiment import (DATA_PREFIX, Experiment, ExperimentError, ParamSpec, VariantConfig,
+                                  overrides_field, point_error)
 from attnbench.paths import folder_problem
 from attnbench.suggest import did_you_mean
 
@@ -45,6 +47,11 @@ class CheckedExperiment:
     experiment: Experiment
     device: str                                 # "cpu", "cuda" or "cuda:N"; never "auto"
     data: Callable[[dict[str, Any]], Any]       # a trial's swept data options -> DataSplits (cached)
+    point_data: dict[str, Callable[[dict[str, Any]], Any]] = dataclasses.field(default_factory=dict)  # across
+
+    def data_at(self, point: Optional[str]) -> Callable[[dict[str, Any]], Any]:
+        """The data loader of the point of ``across`` labelled ``point`` (the study's for None)."""
+        return self.data if point is None else self.point_data[point]
 
 
 def data_loader(experiment: Experiment) -> Callable[[dict[str, Any]], Any]:
@@ -103,12 +110,38 @@ def check_experiment(experiment: Experiment, *, device: str = "auto",
     if results_dir is not None:
         check.results_folder(Path(results_dir))
     loader = data_loader(experiment)
-    if check.data_and_models(loader):
+    point_data = {}
+    if experiment.points:
+        point_data = {p.label: data_loader(p.experiment) for p in experiment.points}
+        check.problems += _point_problems(experiment, point_data)
+    elif check.data_and_models(loader):
         check.configurations(loader)
         check.conversion()
     if check.problems:
         raise ExperimentRefused(check.problems)
-    return CheckedExperiment(experiment, resolved, loader)
+    return CheckedExperiment(experiment, resolved, loader, point_data)
+
+
+def _point_problems(experiment: Experiment, loaders: dict[str, Callable]) -> list[ExperimentError]:
+    """The models and data checked at every point of ``across``. A problem found at every point
+    alike, in a field no point overrides, is the study's own and said once; any other names where
+    the file causes it (:func:`attnbench.experiment.point_error`)."""
+    found = []
+    for point in experiment.points:
+        check = _Check(point.experiment)
+        if check.data_and_models(loaders[point.label]):
+            check.configurations(loaders[point.label])
+        found.append((point, check.problems))
+    everywhere = set.intersection(*(set(map(str, problems)) for _, problems in found))
+    out: list[ExperimentError] = []
+    for point, problems in found:
+        for problem in problems:
+            shared = str(problem) in everywhere and not any(
+                overrides_field(p.overrides, problem.field) for p in experiment.points)
+            said = problem if shared else point_error(problem, point.field, point.label, point.overrides)
+            if str(said) not in map(str, out):
+                out.append(said)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

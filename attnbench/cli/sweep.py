@@ -210,11 +210,30 @@ def _start_and_wait(commands: list[list[str]]) -> tuple[list[int], Optional[int]
 
 
 def _print_plan(checked) -> None:
+    experiment = checked.experiment
+    if not experiment.points:
+        _print_totals(checked, _print_plan_at(checked, None))
+        return
+    # The configurations are the same at every point; their costs differ only where a point
+    # changes the model or the data, so a table is shown for each such point.
+    shown_costs = False
+    for point in experiment.points:
+        if not shown_costs or {"model", "data"} & set(point.overrides):
+            arch = _print_plan_at(checked, point.label)
+            shown_costs = True
+        trainings = len(experiment.at(point.label).plan()) * len(experiment.seeds)
+        console.print(escape(printable(f"point '{point.label}' ({point.field}): {point.describe()}; "
+                                       f"{trainings} trainings")), highlight=False, soft_wrap=True)
+    _print_totals(checked, arch)
+
+
+def _print_plan_at(checked, point) -> str:
+    """The plan's table at a point of ``across`` (None: the study's settings); the architecture."""
     from attnbench import sweep
     from attnbench.fitted_table import FittedColumn, FittedTable
 
-    experiment = checked.experiment
-    arch, rows = sweep.plan(checked)
+    experiment = checked.experiment if point is None else checked.experiment.at(point)
+    arch, rows = sweep.plan(checked, point)
     columns = [("configuration", [config.label for config, _ in rows]),
                ("variant", [config.variant for config, _ in rows]),
                # one option a line: a long set of options stays readable and no value is split
@@ -229,7 +248,7 @@ def _print_plan(checked) -> None:
         [FittedColumn(header.replace("\n", " "), header, cells, "left" if header in ("configuration", "variant",
                                                                                       "options") else "right")
          for header, cells in columns],
-        title=f"plan of study '{experiment.name}' ({experiment.source})",
+        title=f"plan of study '{experiment.name}' ({experiment.source})" + (f" at point '{point}'" if point else ""),
         priority=("configuration", "variant", "options", "MACs (inference)", "params", "attention MACs", "tokens"),
         omitted_note=lambda omitted, width: f"Left out to fit {width} columns: {', '.join(omitted)} (a wider "
                                             f"terminal shows them)."))
@@ -241,12 +260,20 @@ def _print_plan(checked) -> None:
                       **experiment.model_kwargs)
         for line in plan_lines(experiment, arch, kwargs, [config for config, _ in rows]):
             console.print(escape(line), highlight=False, soft_wrap=True)
+    return arch
+
+
+def _print_totals(checked, arch: str) -> None:
+    experiment = checked.experiment
     n_trials = experiment.n_trials()
     continuous = "" if experiment.plan() else \
         f" (continuous search space: configurations sampled by {experiment.sampler})"
     pruning = f"; pruning on (never the baseline '{experiment.baseline}')" if experiment.pruning and \
         experiment.baseline else "; pruning on" if experiment.pruning else ""
-    console.print(f"{n_trials if n_trials is not None else 'time-limited'} trials x {len(experiment.seeds)} seeds "
+    points = f" ({len(experiment.plan())} configurations x {len(experiment.points)} points of 'across')" \
+        if experiment.points else ""
+    console.print(f"{n_trials if n_trials is not None else 'time-limited'} trials{points} x {len(experiment.seeds)} "
+                  f"seeds "
                   f"{list(experiment.seeds)}; sampler {experiment.sampler}; objectives "
                   f"{', '.join(f'{o.direction} {o.metric}' for o in experiment.objectives)}; model {arch} "
                   f"on {experiment.dataset}, device {checked.device}{escape(continuous)}{escape(pruning)}",

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from attnbench.results import conversion, schema, stats, store
+from attnbench.results import across, conversion, schema, stats, store
 from attnbench.suggest import did_you_mean
 from attnbench.terminal import printable
 
@@ -136,6 +136,22 @@ def summarize(trials: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFr
     if trials.empty:
         raise ReportError("no trial rows to summarize (run `attnbench sweep EXPERIMENT.yaml` first)")
     t = prepare_trials(trials)
+    if baseline and not (t["label"] == baseline).any():   # it may name a configuration (label and options)
+        names = set(_summarize(t, None)["config"]) | set(t["label"])
+        if baseline not in names:
+            raise ReportError(f"--baseline '{baseline}' is not a configuration in these results"
+                              f"{did_you_mean(baseline, names)}")
+    # A study run 'across' named points is summarised point by point: every comparison, interval,
+    # Holm family and Pareto front is within one point (attnbench.results.across compares points).
+    parts = [_summarize(rows, baseline).assign(point=point, point_index=index)
+             for (index, point), rows in t.groupby(["point_index", "point"], sort=True, dropna=False)]
+    summary = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    return summary.sort_values(["study", "point_index", "top1"], ascending=[True, True, False],
+                               na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _summarize(t: pd.DataFrame, baseline: Optional[str]) -> pd.DataFrame:
+    """:func:`summarize` of prepared rows of one point (or of studies without ``across``)."""
     groups = list(t.groupby(KEYS, sort=False))
     summary = pd.DataFrame([_config_row(key, group) for key, group in groups])
     summary.insert(2, "config", _config_names(summary))
@@ -143,9 +159,7 @@ def summarize(trials: pd.DataFrame, baseline: Optional[str] = None) -> pd.DataFr
              for done in (_complete(group) for _, group in groups)]
     summary = _compare(summary, seeds, baseline)
     summary = conversion.compare_to_teacher(summary, t, KEYS)   # conversion studies: against their teacher
-    summary = _mark_pareto(summary)
-    return summary.sort_values(["study", "top1"], ascending=[True, False], na_position="last",
-                               kind="stable").reset_index(drop=True)
+    return _mark_pareto(summary)
 
 
 def prepare_trials(trials: pd.DataFrame) -> pd.DataFrame:
@@ -159,6 +173,9 @@ def prepare_trials(trials: pd.DataFrame) -> pd.DataFrame:
     t["label"] = t["label"].fillna(t["variant"]).fillna("(no label)")
     t["options"] = t["options"].fillna("{}") if "options" in t else "{}"
     t["status"] = t["status"].fillna("complete")
+    t["point"] = t["point"].astype(object).where(t["point"].notna(), None) if "point" in t else None
+    t["point_index"] = pd.to_numeric(t["point_index"], errors="coerce").fillna(-1).astype(int) \
+        if "point_index" in t else -1
     options = [_options(text) for text in t["options"]]
     for name in dict.fromkeys(k for o in options for k in o):
         t[_OPTION_PREFIX + name] = [o.get(name) for o in options]
@@ -221,10 +238,7 @@ def _baseline_index(summary: pd.DataFrame, study: str, baseline: str) -> Optiona
 def _compare(summary: pd.DataFrame, seeds: list[dict], baseline: Optional[str]) -> pd.DataFrame:
     """``summary`` with the baseline's config, ``delta_top1``, the MACs reduction and, per study,
     :func:`stats.compare_to_baseline` of each row's ``seeds`` (seed -> top-1)."""
-    name = baseline or BASELINE
-    if baseline and not ((summary["label"] == baseline) | (summary["config"] == baseline)).any():
-        raise ReportError(f"--baseline '{baseline}' is not a configuration in these results"
-                          f"{did_you_mean(baseline, set(summary['label']) | set(summary['config']))}")
+    name = baseline or BASELINE   # an unknown --baseline was refused by summarize()
     out = summary.assign(baseline=None, delta_top1=math.nan, macs_reduction_pct=math.nan,
                          **{c: math.nan for c in stats.COLUMNS} | {"test": None, "beyond_noise": "-",
                                                                    "comparison_note": None})
@@ -459,7 +473,8 @@ def _one_line(header: str) -> str:
 def _title(frame: pd.DataFrame, study: str) -> str:
     first = frame.iloc[0]
     setup = " on ".join(str(first[c]) for c in ("arch", "dataset") if first.get(c) is not None)
-    return f"study '{study}'" + (f" ({setup})" if setup else "")
+    point = f" at point '{first['point']}'" if isinstance(first.get("point"), str) else ""
+    return f"study '{study}'{point}" + (f" ({setup})" if setup else "")
 
 
 def _legend(frame: pd.DataFrame, columns: Sequence[str]) -> str:
@@ -513,7 +528,12 @@ def _studies(frame: pd.DataFrame):
     if frame.empty:
         return
     for study in dict.fromkeys(frame["study"]):
-        yield study, frame[frame["study"] == study]
+        rows = frame[frame["study"] == study]
+        if "point_index" not in rows:
+            yield study, rows
+            continue
+        for index in sorted(set(rows["point_index"])):   # a study 'across' points: a table per point
+            yield study, rows[rows["point_index"] == index]
 
 
 def _omitted_note(omitted: list[str], width: int) -> str:
@@ -546,6 +566,8 @@ def rich_tables(frame: pd.DataFrame, columns: Sequence[str] = DEFAULT_COLUMNS, w
                   for i, (name, header) in enumerate(zip(columns, headers))]
         tables.append(FittedTable(fitted, title=_title(rows, study), priority=order, wide=wide,
                                   legend=lambda shown, rows=rows: _legend(rows, shown), omitted_note=_omitted_note))
+    if across.has_points(frame):   # then, per study run across points, where each comparison holds
+        tables += across.rich_tables(frame)
     return tables
 
 
@@ -558,6 +580,8 @@ def _markdown(frame: pd.DataFrame, columns: Sequence[str]) -> str:
         parts += [f"**{_markdown_cell(_title(rows, study))}**", "", line(map(_one_line, headers)),
                   "|" + "|".join("---" if c == "config" else "---:" for c in columns) + "|",
                   *(line(cells) for cells in body), "", _markdown_prose(_legend(rows, columns)), ""]
+    if across.has_points(frame):
+        parts.append(across.markdown(frame, _markdown_cell, _markdown_prose))
     return "\n".join(parts)
 
 

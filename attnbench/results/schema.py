@@ -26,7 +26,7 @@ __all__ = ["SCHEMA_VERSION", "KINDS", "TRIAL", "BENCHMARK", "Column", "COLUMNS",
            "SchemaError"]
 
 #: Version of the row layout below; stored in every row and in each file's metadata.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 TRIAL = "trial"
 BENCHMARK = "benchmark"
@@ -85,6 +85,10 @@ COLUMNS: tuple[Column, ...] = (
     _c("variant", _S, "", "registered variant name"),
     _c("options", _S, "", "JSON: every option of the variant as it ran, defaults included"),
     _c("params_json", _S, "", "JSON: the parameters Optuna suggested for the trial", _TR),
+    _c("point", _S, "", "label of the experiment's 'across' point the trial ran at (text as written; null "
+                        "without 'across')", _TR, since=5),
+    _c("point_index", _I, "", "position of that point under 'across', from 0 (the order the report keeps)", _TR,
+       since=5),
     # --- provenance -------------------------------------------------------------------------------
     _c("attnbench_version", _S, "", "attnbench version that wrote the row"),
     _c("variant_distribution", _S, "", "distribution that provided the variant ('attnbench' built-in, a plugin's "

@@ -101,7 +101,7 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
         env = measure.environment(checked.device, threads=experiment.measure.threads)
         ctx = TrialContext(experiment, results, checked.data, device=checked.device,
                            sampler_seed=worker_sampler_seed(experiment, worker_index), worker=_worker_name(),
-                           environment=env, storage_url=url)
+                           environment=env, storage_url=url, point_data=checked.point_data)
         target = experiment.n_trials()
         deadline = time.monotonic() + experiment.timeout_s if experiment.timeout_s else math.inf
         # Checking for room and creating the trial happen under one lock shared by all workers, so

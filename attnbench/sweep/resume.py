@@ -30,9 +30,9 @@ SPEC_ATTR = "attnbench_experiment_spec"   # study user attr: Experiment.decisive
 #: Experiment.decisive() keys -> the field of the file that sets them (others: the key itself).
 _FIELDS = {"arch": "model.arch", "model_kwargs": "model.kwargs", "dataset": "data.dataset", "data_root": "data.root",
            "data_options": "data.options", "configs": "variants", "sampler_seed": "sampler.seed",
-           "sampler": "sampler.type", "max_macs": "constraints.max_macs"}
+           "sampler": "sampler.type", "max_macs": "constraints.max_macs", "points": "across"}
 #: Settings that shape Optuna's search space: changed, they break every trial of a started study.
-_SPACE = ("configs", "search", "sampler")
+_SPACE = ("configs", "search", "sampler", "points")
 
 
 def result_file(results: Path, key: int) -> Path:

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from attnbench import convert, kernels, measure, models, precision, provenance, registry
-from attnbench.experiment import CONFIG_PARAM, Experiment, ParamSpec, VariantConfig
+from attnbench.experiment import CONFIG_PARAM, POINT_PARAM, Experiment, ParamSpec, VariantConfig
 from attnbench.experiment_check import CheckedExperiment
 from attnbench.results import schema, store
 from attnbench.sweep.storage import study_lock
@@ -51,6 +51,16 @@ class TrialContext:
     environment: dict[str, Any]
     storage_url: str = ""         # the study's storage, whose lock guards publishing the result file
     splits: Any = None            # this trial's splits
+    point_data: dict[str, Callable[[dict], Any]] = dataclasses.field(default_factory=dict)   # across: per point
+    point: Optional[str] = None   # the point of 'across' this trial runs at (experiment is then that point's)
+    point_index: Optional[int] = None
+
+    def at_point(self, study: Experiment, point: Optional[str]) -> "TrialContext":
+        """This context at a point of the study's ``across`` (itself without one)."""
+        if point is None:
+            return self
+        return dataclasses.replace(self, experiment=study.at(point), data=self.point_data[point], point=point,
+                                   point_index=study.point_index(point))
 
     @property
     def arch(self) -> str:
@@ -64,6 +74,8 @@ def _suggest(trial: optuna.Trial, experiment: Experiment) -> dict[str, Any]:
     choices = experiment.config_choices()
     if len(choices) > 1:
         params[CONFIG_PARAM] = trial.suggest_categorical(CONFIG_PARAM, choices)
+    if experiment.points:
+        params[POINT_PARAM] = trial.suggest_categorical(POINT_PARAM, [p.label for p in experiment.points])
     for p in experiment.search:
         params[p.name] = _suggest_one(trial, p.name, p)
     for name, p in experiment.own_params(experiment.base_label(params)):
@@ -143,6 +155,7 @@ def _row(ctx: TrialContext, trial: optuna.Trial, key: int, config: VariantConfig
     row = {
         "kind": schema.TRIAL, "created_at": datetime.datetime.now(datetime.timezone.utc),
         "study": e.name, "trial": key, "optuna_trial": trial.number, "seed": seed, "label": config.label,
+        "point": ctx.point, "point_index": ctx.point_index,
         **provenance.variant_columns(config.variant, config.options),
         "params_json": json.dumps(trial.params, sort_keys=True, default=str),
         "precision": getattr(train_config, "precision", "float32"),
@@ -200,13 +213,15 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
         TrialFailed: the trial failed for a reason of its own, recorded on the trial.
         TrialTakenOver: another worker took the trial over; nothing was stored.
     """
-    e = ctx.experiment
+    e = ctx.experiment   # the study; ``at`` below is the experiment at the trial's point of 'across'
     # First: which worker runs it (host:pid), for watching a study; a trial naming none is an orphan.
     trial.set_user_attr("worker", ctx.worker)
     key = trial_key(trial_by_number(trial.study, trial.number))
     try:
         params = _suggest(trial, e)
-        config = e.resolve(params)
+        ctx = ctx.at_point(e, e.point_of(params))
+        at = ctx.experiment
+        config = at.resolve(params)
         ctx = dataclasses.replace(ctx, splits=ctx.data(config.data_options))
     except optuna.exceptions.OptunaError:
         raise   # the trial is no longer this worker's: the loop finds out
@@ -215,6 +230,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
         trial.set_user_attr(ERROR_ATTR, message)
         raise TrialFailed(message) from err
     trial.set_user_attr("label", config.label)
+    if ctx.point is not None:
+        trial.set_user_attr("point", ctx.point)
     trial.set_user_attr(EXPERIMENT_ATTR, e.fingerprint())
     prunable = e.base_label(params) != e.baseline   # the baseline is never pruned: every Δ needs it
     rows: list[dict] = []
@@ -228,8 +245,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
         for index, seed in enumerate(e.seeds):
             seed_start = time.perf_counter()
             model = _build(ctx, config, seed)
-            if e.checkpoint is not None:   # checked to fit before the sweep began
-                models.load_checkpoint(model, e.checkpoint)
+            if at.checkpoint is not None:   # checked to fit before the sweep began
+                models.load_checkpoint(model, at.checkpoint)
             model = model.to(ctx.device)
             report = _pruning_reporter(trial, e, prunable) if index == 0 else None
             conversion = None
@@ -238,7 +255,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
                     conversion = convert.convert_seed(ctx, config, seed, model)
                     result = conversion.result
                 else:
-                    result = fit(model, ctx.splits, TrainConfig(**{**e.train, "seed": seed, "device": ctx.device}),
+                    result = fit(model, ctx.splits, TrainConfig(**{**at.train, "seed": seed, "device": ctx.device}),
                                  callback=report, progress=False)
             except optuna.TrialPruned:
                 rows.append(_row(ctx, trial, key, config, seed, costs, None, "pruned", None,
@@ -251,7 +268,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
             results.append(result)
             rows.append(_row(ctx, trial, key, config, seed, costs, result, "complete", None,
                              time.perf_counter() - seed_start, conversion))
-            if e.save_checkpoint:
+            if at.save_checkpoint:
                 rows[-1]["checkpoint_path"] = save_seed_checkpoint(ctx, key, seed, model)
             last_model, seed = model, None
         speed = _speed(ctx, config, models.castle(last_model))
@@ -327,13 +344,15 @@ def _objective_values(e: Experiment, rows: list[dict]) -> list[float]:
     return values
 
 
-def plan(checked: CheckedExperiment) -> tuple[str, list[tuple[VariantConfig, dict[str, Any]]]]:
-    """(architecture, [(configuration, MACs and params of its inference form)]) without training.
+def plan(checked: CheckedExperiment,
+         point: Optional[str] = None) -> tuple[str, list[tuple[VariantConfig, dict[str, Any]]]]:
+    """(architecture, [(configuration, MACs and params of its inference form)]) without training,
+    at the point of ``across`` labelled ``point`` (the study's own settings for None).
 
     A continuous search space has no finite plan; then only the base configuration is listed.
     """
-    experiment = checked.experiment
-    ctx = TrialContext(experiment, Path("."), checked.data, device="cpu",
+    experiment = checked.experiment.at(point)
+    ctx = TrialContext(experiment, Path("."), checked.data_at(point), device="cpu",
                        sampler_seed=experiment.sampler_seed, worker="", environment={})
     configs = experiment.plan() or [experiment.resolve({})]
     costs = [(c, _costs(dataclasses.replace(ctx, splits=ctx.data(c.data_options)), c)) for c in configs]
