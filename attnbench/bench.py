@@ -376,7 +376,7 @@ def run_benchmark(config: BenchConfig, progress=None, write: bool = True) -> Ben
     config.validate()
     threads = config.thread_count
     config = dataclasses.replace(config, threads=threads)  # workers use exactly this count
-    env = measure.environment(config.device, threads)  # before any work: the load is others'
+    env = provenance.environment(config.device, threads)  # before any work: the load is others'
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -24,15 +24,12 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-
-from attnbench import allocator
 
 __all__ = [
     "count_macs",
@@ -44,8 +41,6 @@ __all__ = [
     "Memory",
     "peak_memory",
     "peak_memory_many",
-    "environment",
-    "cpu_model",
     "default_threads",
 ]
 
@@ -444,81 +439,3 @@ def peak_memory(build: Callable[[], nn.Module], input_shape: Sequence[int], *, d
     """Peak memory of one inference forward of ``build()``; see :func:`peak_memory_many`."""
     return peak_memory_many([(build, input_shape)], device=device, threads=threads)[0]
 
-
-# -------------------------------------------------------------------------------- environment
-
-def cpu_model() -> Optional[str]:
-    """The CPU's model name from ``/proc/cpuinfo`` (or ``platform.processor()``), else None."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _git(*args: str, cwd: Optional[str] = None) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd or os.getcwd(), capture_output=True, text=True,
-                             timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def _load_average() -> Optional[float]:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def environment(device: str = "cpu", threads: Optional[int] = None) -> dict[str, Any]:
-    """Provenance of a measurement, as flat columns for a result row.
-
-    Args:
-        device: the device measured on (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
-        threads: torch threads used; default: the current ``torch.get_num_threads()``.
-
-    Returns:
-        ``torch_version``, ``timm_version``, ``python_version``, ``platform``, ``hostname``,
-        ``device``, ``device_name`` (GPU name, or the CPU model on CPU), ``threads``,
-        ``cpu_model``, ``cpu_count`` (cores this process may use), ``load_avg_1m`` (the
-        system's 1-minute load average now: other work competing for the cores; None where
-        unknown), ``git_commit`` and ``git_dirty`` of the repository holding the current
-        directory (None outside one), ``allocator`` (:func:`attnbench.allocator.malloc_setting`).
-    """
-    device = str(device)
-    cpu = cpu_model()
-    if device.startswith("cuda") and torch.cuda.is_available():
-        device_name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        device_name = cpu
-    try:
-        import timm
-        timm_version = timm.__version__
-    except ImportError:  # pragma: no cover - timm is a dependency
-        timm_version = None
-    commit = _git("rev-parse", "HEAD")
-    dirty = None
-    if commit:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        dirty = bool(status) if status is not None else None
-    return {
-        "torch_version": torch.__version__,
-        "timm_version": timm_version,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "device": device,
-        "device_name": device_name,
-        "threads": int(threads if threads is not None else torch.get_num_threads()),
-        "cpu_model": cpu,
-        "cpu_count": default_threads(),
-        "load_avg_1m": _load_average(),
-        "git_commit": commit or None,
-        "git_dirty": dirty,
-        "allocator": allocator.malloc_setting(),
-    }

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["printable"]
+__all__ = ["printable", "IMPROVING_MARK"]
+
+#: Beside a figure whose training had not peaked (best checkpoint at the last epoch), in every view.
+IMPROVING_MARK = "↑"
 
 # C0 and C1 controls, DEL, and the invisible format characters that reorder or hide text
 # (bidirectional overrides and isolates, zero-width characters, line and paragraph separators).

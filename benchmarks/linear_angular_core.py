@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from attnbench import allocator, measure
+from attnbench import allocator, measure, provenance
 from attnbench_variants.castling import CastlingAttention
 from attnbench_variants.linear_angular import LinearAngularAttention
 from attnbench_variants.ops import linear_angular as la
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(_format(row, list(times), args.training), flush=True)
 
-    env = measure.environment(args.device, args.threads)
+    env = provenance.environment(args.device, args.threads)
     print(f"# {env['device_name']}, {args.threads} threads, torch {env['torch_version']}, B={args.batch} "
           f"h={args.heads} d={args.head_dim} float32, median of {args.repeats} interleaved blocks, "
           f"allocator: {env['allocator']}")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from attnbench import allocator, measure
+from attnbench import allocator, provenance
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -55,4 +55,4 @@ def test_opt_out_keeps_the_system_allocator():
 
 
 def test_environment_records_the_allocator():
-    assert measure.environment()["allocator"] == allocator.malloc_setting()
+    assert provenance.environment()["allocator"] == allocator.malloc_setting()

@@ -126,3 +126,71 @@ def test_train_json_carries_the_curves(tmp_path):
     assert set(run["curves"]) == set(CURVES) and all(len(v) == 2 for v in run["curves"].values())
     assert run["curves"]["val_top1"][run["best_epoch"]] == run["val_top1"]
     assert run["still_improving"] == (run["best_epoch"] == 1)
+
+
+# --- the report: curves drawn, a configuration still improving flagged -------------------------
+
+def test_report_draws_the_mean_curve_over_seeds(swept, tmp_path):
+    import numpy as np
+
+    from attnbench.results import curves, plots, report
+
+    trials, bench = report.load_results(swept.parent)
+    summary = report.summarize(trials)
+    found, = curves.learning_curves(report.prepare_trials(trials), summary, report.KEYS)
+    val = np.stack([np.asarray(list(v)) for v in trials["curve_val_top1"]])
+    mean, std = found["curve_val_top1"]
+    assert found["n"] == 2 and found["epochs"] == 3
+    assert np.allclose(mean, val.mean(axis=0)) and np.allclose(std, val.std(axis=0, ddof=1))
+    assert found["improving"] == int(trials["still_improving"].sum())
+    written = {p.name: p for p in plots.write_plots(summary, trials, bench, tmp_path)}
+    assert written["curves-curves.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(improving: dict[str, list[bool]], point=None):
+    import pandas as pd
+
+    rows = []
+    for label, flags in improving.items():
+        for seed, flag in enumerate(flags):
+            rows.append({"kind": "trial", "study": "s", "trial": 0, "seed": seed, "label": label, "variant": label,
+                         "options": "{}", "status": "complete", "top1": 80.0 + seed + (label != "softmax"),
+                         "still_improving": flag, "curve_val_top1": [70.0, 75.0 + seed, 76.0 + flag],
+                         "curve_train_loss": [1.0, 0.8, 0.7 - 0.1 * seed], "point": point,
+                         "point_index": 0 if point is None else ["a", "b"].index(point)})
+    return pd.DataFrame(rows)
+
+
+def test_a_configuration_still_improving_is_flagged_in_the_table_and_its_footer():
+    import io
+
+    from rich.console import Console
+
+    from attnbench.results import report
+
+    summary = report.summarize(_rows({"softmax": [True, False, True], "linear": [False, False, False]}))
+    row = summary.set_index("label").loc["softmax"]
+    assert (row["improving_seeds"], row["curve_seeds"]) == (2, 3)
+    console = Console(width=120, record=True, file=io.StringIO())
+    for table in report.rich_tables(summary):
+        console.print(table)
+    text = " ".join(console.export_text().split())
+    assert "81.00 ± 1.00 ↑" in text and "82.00 ± 1.00 ↑" not in text, text
+    assert "↑: still improving: the best checkpoint (highest validation top-1) was the last epoch on some seeds " \
+           "(softmax 2 of 3)" in text
+    markdown = report.export(summary, "markdown")
+    assert "81.00 ± 1.00 ↑" in markdown and "(softmax 2 of 3)" in markdown
+
+
+def test_a_study_across_points_gets_its_curves_and_pareto_per_point(tmp_path):
+    import pandas as pd
+
+    from attnbench.results import plots, report
+
+    trials = pd.concat([_rows({"softmax": [True, False], "linear": [False, True]}, point=p) for p in ("a", "b")],
+                       ignore_index=True)
+    trials["macs"] = [1000 if label == "softmax" else 800 for label in trials["label"]]
+    summary = report.summarize(trials)
+    names = {p.name for p in plots.write_plots(summary, trials, pd.DataFrame(), tmp_path)}
+    assert {"curves-s-a.png", "curves-s-b.png", "pareto-s-a.png", "pareto-s-b.png"} <= names, names
+    assert "curves-s.png" not in names

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from attnbench import measure
+from attnbench import measure, provenance
 from attnbench.registry import build_attention, list_variants, variant_class
 
 DEIT_TINY_MACS = 1_253_683_200  # analytic; timm publishes 1.26 G
@@ -126,12 +126,12 @@ def test_peak_memory_sees_a_forward_allocation_in_a_child():
 
 
 def test_environment(tmp_path, monkeypatch):
-    env = measure.environment("cpu", threads=2)
+    env = provenance.environment("cpu", threads=2)
     assert env["torch_version"] == torch.__version__ and env["timm_version"] == timm.__version__
     assert env["device"] == "cpu" and env["threads"] == 2 and env["cpu_count"] >= 1
     assert env["device_name"] == env["cpu_model"]
     assert env["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", env["git_commit"])
     monkeypatch.chdir(tmp_path)  # not a repository
-    outside = measure.environment()
+    outside = provenance.environment()
     assert outside["git_commit"] is None and outside["git_dirty"] is None
     assert outside["threads"] == torch.get_num_threads()

@@ -16,9 +16,8 @@ from rich.table import Table
 
 from attnbench.cli._common import _variant_or_fail, console, err_console, fail, parse_key_values
 from attnbench.cli.dataclass_options import _dataclass_options
+from attnbench.terminal import IMPROVING_MARK
 
-
-IMPROVING_MARK = "↑"   # beside the best epoch: the run had not peaked
 
 
 class _TrainCommand(click.Command):

@@ -15,12 +15,12 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from attnbench.results import conversion, schema
-from attnbench.terminal import printable
+from attnbench.results import conversion, curves as learning, schema
+from attnbench.terminal import IMPROVING_MARK, printable
 from attnbench.results.report import KEYS, prepare_trials
 
 __all__ = ["variant_color", "write_plots", "pareto_figure", "pareto_plot", "scaling_plot", "mask_curves",
-           "mask_density_plot", "recovery_plot"]
+           "mask_density_plot", "recovery_plot", "learning_curves_plot"]
 
 _SETUP = schema.names("level", "dim", "heads", "depth", "measure_batch", "device", "threads", "kernel_implementation")
 _MACS, _LATENCY, _VARIANT, _TOKENS, _CURVE = schema.names("macs", "latency_median_ms", "variant", "tokens",
@@ -318,17 +318,73 @@ def recovery_plot(trials: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Op
 
 
 @_plain_text
+def learning_curves_plot(trials: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Optional[Path]:
+    """A study's (or one point's) learning curves: validation top-1 and training loss against the
+    epoch, one line per configuration (mean over seeds, band: ± one std), coloured by variant (line
+    styles tell apart configurations of one variant); a configuration with a seed still improving at
+    its last epoch is marked in the legend. None when no row has curves."""
+    if trials.empty or summary.empty:
+        return None
+    found = learning.learning_curves(prepare_trials(trials), summary, KEYS)
+    if not found:
+        return None
+    fig, axes = _figure(len(learning.CURVES))
+    fig.set_size_inches(11, 4.6)
+    seen: dict[str, int] = {}
+    for curve in sorted(found, key=lambda c: -c[next(iter(learning.CURVES))][0][-1]):   # best first
+        name = curve["variant"] if isinstance(curve["variant"], str) else ""
+        style = _STYLES[seen.get(name, 0) % len(_STYLES)]
+        seen[name] = seen.get(name, 0) + 1
+        color = variant_color(name)
+        epochs = np.arange(1, curve["epochs"] + 1)
+        mark = f" {IMPROVING_MARK} {curve['improving']}/{curve['n']}" if curve["improving"] else ""
+        for ax, column in zip(axes, learning.CURVES):
+            mean, std = (values[:curve["epochs"]] for values in curve[column])
+            ax.plot(epochs, mean, linestyle=style, color=color, marker="o", ms=2.5,
+                    label=f"{printable(str(curve['config']))} (n={curve['n']}){mark}" if ax is axes[0] else None)
+            if curve["n"] > 1:
+                ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+    for ax, (column, label) in zip(axes, learning.CURVES.items()):
+        ax.set(xlabel="epoch", ylabel=f"{label}; mean ± std over seeds")
+        ax.grid(True, alpha=0.3)
+    point = next((p for p in summary.get("point", []) if isinstance(p, str)), None)
+    fig.suptitle(f"learning curves: study '{printable(str(summary['study'].iloc[0]))}'"
+                 + (f" at point '{printable(point)}'" if point else "")
+                 + (f"   ({IMPROVING_MARK} k/n: still improving at the last epoch on k of n seeds)"
+                    if any(c["improving"] for c in found) else ""), fontsize=10)
+    fig.legend(loc="outside right upper", fontsize=8)
+    return _save(fig, path)
+
+
+def _parts(summary: pd.DataFrame, trials: pd.DataFrame, study: str):
+    """A study's summary and trial rows, point by point where it ran ``across`` points: (suffix,
+    summary rows, trial rows); the suffix names the point in the plot's file name."""
+    rows = summary[summary["study"] == study]
+    mine = trials[trials["study"] == study] if "study" in trials else trials
+    points = [p for p in dict.fromkeys(rows.get("point", pd.Series(dtype=object))) if isinstance(p, str)]
+    if not points:
+        yield "", rows, mine
+        return
+    for point in points:
+        yield f"-{_slug(point)}", rows[rows["point"] == point], mine[mine["point"] == point]
+
+
+@_plain_text
 def write_plots(summary: pd.DataFrame, trials: pd.DataFrame, bench: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Every plot the data allows, under ``out_dir``: per study ``pareto-<study>.png`` and
-    ``mask-density-<study>.png``, ``recovery-<study>.png`` (conversion studies), and ``scaling.png`` from benchmark rows. Returns the paths written."""
+    """Every plot the data allows, under ``out_dir``: per study ``pareto-<study>.png``,
+    ``curves-<study>.png`` (learning curves) and ``mask-density-<study>.png`` (per point of a study
+    run ``across`` points: ``pareto-<study>-<point>.png``, ...), ``recovery-<study>.png``
+    (conversion studies), and ``scaling.png`` from benchmark rows. Returns the paths written."""
     out_dir = Path(out_dir)
     paths = [scaling_plot(bench, out_dir / "scaling.png")]
     if summary.empty:
         return [p for p in paths if p is not None]
-    curves = mask_curves(trials, summary)
     for study in dict.fromkeys(summary["study"]):
-        paths.append(pareto_plot(summary[summary["study"] == study], out_dir / f"pareto-{_slug(study)}.png"))
-        paths.append(mask_density_plot(curves[curves["study"] == study], out_dir / f"mask-density-{_slug(study)}.png"))
+        for suffix, rows, mine in _parts(summary, trials, study):
+            name = f"{_slug(study)}{suffix}.png"
+            paths.append(pareto_plot(rows, out_dir / f"pareto-{name}"))
+            paths.append(learning_curves_plot(mine, rows, out_dir / f"curves-{name}"))
+            paths.append(mask_density_plot(mask_curves(mine, rows), out_dir / f"mask-density-{name}"))
         paths.append(recovery_plot(trials[trials["study"] == study] if "study" in trials else trials,
                                    summary[summary["study"] == study], out_dir / f"recovery-{_slug(study)}.png"))
     return [p for p in paths if p is not None]

@@ -29,7 +29,7 @@ import pandas as pd
 
 from attnbench.results import across, conversion, schema, stats, store
 from attnbench.suggest import did_you_mean
-from attnbench.terminal import printable
+from attnbench.terminal import IMPROVING_MARK, printable
 
 __all__ = ["ReportError", "BASELINE", "DEFAULT_COLUMNS", "TABLE_PRIORITY", "FORMATS", "Results", "load_results",
            "load_store", "prepare_trials", "summarize", "baseline_warnings", "consistency_warnings", "pareto_front",
@@ -41,7 +41,7 @@ KEYS = list(schema.names("study", "label", "options"))
 FORMATS = ("table", "csv", "markdown", "json")
 # Stored columns are named through the schema (a renamed column fails at import); the summary's
 # own columns are listed in _DERIVED.
-_DERIVED = ("config", "n", "failed", "pruned", "top1_std", "baseline", "delta_top1", *stats.COLUMNS,
+_DERIVED = ("config", "n", "failed", "pruned", "top1_std", "improving_seeds", "curve_seeds", "baseline", "delta_top1", *stats.COLUMNS,
             "macs_reduction_pct", "pareto_macs", "pareto_latency", "pareto")
 #: Columns of the table, markdown and HTML views unless ``--columns`` says otherwise, in display
 #: order. ``delta_ci`` is a view of ``delta_ci_low`` and ``delta_ci_high`` (see _COMPOSITES).
@@ -60,6 +60,7 @@ _MEANS = schema.names("top1_train_form", "switch_cost", "best_val_top1", "mask_d
 _MEDIANS = schema.names("macs", "attention_macs", "params", "num_tokens", "latency_median_ms", "latency_iqr_ms",
                         "samples_per_s", "forward_memory_mb")
 _FIRSTS = schema.names("variant", "arch", "dataset", "checkpoint")
+_IMPROVING = schema.names("still_improving")[0]
 _OPTION_PREFIX = "opt_"   # summary columns spread from the stored options JSON
 
 
@@ -166,7 +167,7 @@ def prepare_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """A copy of the trial rows with the columns the summary reads, keys and status filled in."""
     t = trials.copy()
     for column in (*schema.names("study", "label", "variant", "seed", "status", "top1"), *_MEANS, *_MEDIANS,
-                   *_FIRSTS):
+                   *_FIRSTS, _IMPROVING):
         if column not in t:
             t[column] = pd.NA
     t["study"] = t["study"].fillna("(no study)")
@@ -208,7 +209,10 @@ def _config_row(key: tuple, group: pd.DataFrame) -> dict:
     row.update(n=len(top1), failed=int((group["status"] == "failed").sum()),
                pruned=int((group["status"] == "pruned").sum()),
                top1=float(top1.mean()) if len(top1) else math.nan,
-               top1_std=float(top1.std(ddof=1)) if len(top1) > 1 else math.nan)
+               top1_std=float(top1.std(ddof=1)) if len(top1) > 1 else math.nan,
+               # seeds whose best checkpoint was their last epoch, of the seeds that recorded curves
+               improving_seeds=int((done[_IMPROVING] == True).sum()),  # noqa: E712 - nullable booleans
+               curve_seeds=int(done[_IMPROVING].notna().sum()))
     row.update({c: _num(done[c], "mean") for c in _MEANS})
     row.update({c: _num(group[c], "median") for c in _MEDIANS})
     row.update({c: next(iter(group[c].dropna()), None) for c in group if c.startswith(_OPTION_PREFIX)})
@@ -418,7 +422,22 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 def _top1(row) -> str:
     return "-" if pd.isna(row["top1"]) else _fmt(row["top1"]) + (
-        f" ± {row['top1_std']:.2f}" if row["n"] > 1 else "")
+        f" ± {row['top1_std']:.2f}" if row["n"] > 1 else "") + (f" {IMPROVING_MARK}" if _improving(row) else "")
+
+
+def _improving(row) -> bool:
+    """Whether some seed of the configuration was still improving when its training ended."""
+    return bool(row.get("improving_seeds", 0) or 0)
+
+
+def _improving_note(frame: pd.DataFrame) -> str:
+    """The footer's word on configurations that had not peaked: which, and on how many seeds."""
+    rows = [r for _, r in frame.iterrows() if _improving(r)]
+    if not rows:
+        return ""
+    which = ", ".join(f"{r['config']} {int(r['improving_seeds'])} of {int(r['curve_seeds'])}" for r in rows)
+    return (f"{IMPROVING_MARK}: still improving: the best checkpoint (highest validation top-1) was the last epoch "
+            f"on some seeds ({which}); a longer training may change this figure and the comparisons with it.")
 
 
 def _ci(row) -> str:
@@ -490,8 +509,9 @@ def _legend_notes(frame: pd.DataFrame, columns: Sequence[str]) -> str:
     checkpoint = next(iter(frame["checkpoint"].dropna()), None)
     has = lambda column: frame[column].notna().any()  # noqa: E731
     notes = {
-        "top1": "top-1: test %, inference form (after castling)" + (f", {checkpoint} checkpoint" if checkpoint else "")
-                + "; mean ± sample std over n complete seeds (failed and pruned seeds not averaged in).",
+        "top1": ("top-1: test %, inference form (after castling)" + (f", {checkpoint} checkpoint" if checkpoint else "")
+                 + "; mean ± sample std over n complete seeds (failed and pruned seeds not averaged in). "
+                 + _improving_note(frame)).strip(),
         "top1_train_form": "pre-castle: the training form's top-1.",
         "switch_cost": "switch cost: pre-castle minus top-1, points.",
         "delta_top1": f"Δ vs base: top-1 minus baseline '{baseline}'." if baseline else "No baseline in this study.",

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from attnbench import measure
+from attnbench import provenance
 from attnbench.experiment import Experiment
 from attnbench.experiment_check import check_experiment
 from attnbench.sweep.resume import Audit, audit_end, audit_start, check_resume
@@ -98,7 +98,7 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
             study.sampler = make_sampler(experiment, worker_sampler_seed(experiment, worker_index))
         if experiment.multi_objective:
             study.set_metric_names([o.metric for o in experiment.objectives])
-        env = measure.environment(checked.device, threads=experiment.measure.threads)
+        env = provenance.environment(checked.device, threads=experiment.measure.threads)
         ctx = TrialContext(experiment, results, checked.data, device=checked.device,
                            sampler_seed=worker_sampler_seed(experiment, worker_index), worker=_worker_name(),
                            environment=env, storage_url=url, point_data=checked.point_data)
