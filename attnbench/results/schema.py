@@ -26,7 +26,7 @@ __all__ = ["SCHEMA_VERSION", "KINDS", "TRIAL", "BENCHMARK", "Column", "COLUMNS",
            "SchemaError"]
 
 #: Version of the row layout below; stored in every row and in each file's metadata.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 TRIAL = "trial"
 BENCHMARK = "benchmark"
@@ -222,11 +222,11 @@ COLUMNS: tuple[Column, ...] = (
     _c("git_dirty", _B, "", "that repository had uncommitted changes"),
     _c("allocator", _S, "", "malloc setting (attnbench.allocator)"),
     _c("cpu_capability", _S, "", "CPU instruction set torch dispatched its kernels to (AVX512, AVX2, DEFAULT, ...)",
-       since=5),
-    _c("blas", _S, "", "BLAS (and its version) and oneDNN torch was built with", since=5),
-    _c("torch_git", _S, "", "commit torch was built from", since=5),
-    _c("cuda_version", _S, "", "CUDA torch ran with, on a GPU (null on the CPU)", since=5),
-    _c("cudnn_version", _S, "", "cuDNN torch ran with, on a GPU (null on the CPU)", since=5),
+       since=6),
+    _c("blas", _S, "", "BLAS (and its version) and oneDNN torch was built with", since=6),
+    _c("torch_git", _S, "", "commit torch was built from", since=6),
+    _c("cuda_version", _S, "", "CUDA torch ran with, on a GPU (null on the CPU)", since=6),
+    _c("cudnn_version", _S, "", "cuDNN torch ran with, on a GPU (null on the CPU)", since=6),
 )
 
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
