@@ -68,7 +68,7 @@ _MEASURE_MAX = {"batch_size": 4096, "repeats": 10_000, "threads": 1024}
 #: The top-level fields of an experiment file (docs/experiments.md describes each).
 TOP_LEVEL_FIELDS = ("name", "description", "model", "data", "train", "seeds", "variants", "baseline", "search",
                     "sampler", "objectives", "budget", "pruning", "storage", "measure", "constraints", "convert",
-                    "across")
+                    "across", "tune")
 CONFIG_FIELDS = ("label", "variant", "options", "search")   # the fields of one entry under 'variants'
 MODEL_FIELDS = ("arch", "kwargs", "checkpoint")
 POINT_FIELDS = ("label", "train", "data", "model")   # the fields of one entry under 'across'
@@ -216,6 +216,7 @@ class Experiment:
     save_checkpoint: bool = False     # train.save_checkpoint: keep each seed's evaluated weights
     convert: Optional[Any] = None     # a conversion study's attnbench.convert.ConvertSpec
     points: tuple[Point, ...] = ()    # across: every configuration runs at every point
+    tune: Optional[Any] = None        # an attnbench.tuning.TuneSpec: each configuration's recipe tuned alike
 
     @property
     def multi_objective(self) -> bool:
@@ -563,6 +564,12 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
     if convert is not None and checkpoint is not None:
         r.fail("model.checkpoint", "a conversion study starts from its teacher; give the file as "
                                    "'convert.teacher.checkpoint'")
+    from attnbench.tuning import parse_tune
+
+    tune = parse_tune(r, top.get("tune"), train, seeds)
+    if tune is not None and convert is not None:
+        r.fail("tune", "a conversion study has its own stage learning rates (convert.transfer_lr, "
+                       "convert.finetune_lr); 'tune' is for studies that train from scratch")
     measure = _measure(r, top.get("measure"))
     _objectives_measured(r, objectives, measure)
     max_macs = _constraints(r, top.get("constraints"))
@@ -577,7 +584,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", default_name: str =
         train=train, seeds=seeds, configs=configs, search=search, sampler=sampler, sampler_seed=sampler_seed,
         objectives=objectives, trials=trials, timeout_s=timeout_s, pruning=pruning, storage=storage,
         measure=measure, max_macs=max_macs, baseline=baseline, checkpoint=checkpoint,
-        save_checkpoint=save_checkpoint, convert=convert)
+        save_checkpoint=save_checkpoint, convert=convert, tune=tune)
     if "across" in top:
         points = _across(r, top["across"], raw, experiment, default_name)
         experiment = dataclasses.replace(experiment, points=points)

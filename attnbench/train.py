@@ -391,7 +391,8 @@ def _finite(value: torch.Tensor) -> bool:
 
 def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = None, *,
         progress: Union[bool, Any] = True, callback: Optional[Callable[[dict[str, Any]], None]] = None,
-        label: str = "", on_step: Optional[Callable[[int, nn.Module], None]] = None) -> TrainResult:
+        label: str = "", on_step: Optional[Callable[[int, nn.Module], None]] = None,
+        test: bool = True) -> TrainResult:
     """Train ``model`` on ``splits`` and evaluate its best-validation checkpoint, before and after castling.
 
     The model is changed in place: it ends with the evaluated checkpoint's weights, castled
@@ -409,6 +410,8 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
         label: prefix of the progress bar descriptions.
         on_step: called with (updates so far, model) after each update, the model in training
             mode (it must leave it so, and leave the random state alone: evaluate a copy).
+        test: evaluate the test split; False (tuning a recipe) never touches it: the test
+            figures stay NaN and the inference form is scored on the validation split only.
 
     Returns:
         A :class:`TrainResult`; ``status="failed"`` with the reason when the loss became NaN
@@ -438,7 +441,8 @@ def fit(model: nn.Module, splits: DataSplits, config: Optional[TrainConfig] = No
             torch.cuda.manual_seed_all(config.seed)
         shuffle = torch.Generator().manual_seed(config.seed)
         model.to(device)
-        train_ds, val_ds, test_ds = (to_device(ds, device) for ds in (splits.train, splits.val, splits.test))
+        train_ds, val_ds = (to_device(ds, device) for ds in (splits.train, splits.val))
+        test_ds = to_device(splits.test, device) if test else None
 
         optimizer, scheduler = make_optimizer(model, config, total_steps)
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -564,12 +568,17 @@ def _log_diagnostics(log: list, model: nn.Module, step: int, epoch: int, progres
 
 def _evaluate_checkpoint(model, best, test_ds, val_ds, evaluate_kw, result: TrainResult) -> None:
     """Test the kept checkpoint in the training form, then castle it and test again (unless
-    castling changed nothing: then the inference form's figures are the training form's)."""
+    castling changed nothing: then the inference form's figures are the training form's).
+    Without a test split (``test_ds`` None), only the inference form's validation top-1."""
     model.load_state_dict(best["state"])
     models.set_progress(model, best["progress"])
     result.best_epoch, result.best_step, result.best_progress = best["epoch"], best["step"], best["progress"]
-    before = evaluate(model, test_ds, **evaluate_kw)
     result.val_top1 = best["val_top1"]
+    if test_ds is None:
+        changes = models.castle_changes(model)
+        result.val_top1_castled = evaluate(model, val_ds, **evaluate_kw)["top1"] if changes else best["val_top1"]
+        return
+    before = evaluate(model, test_ds, **evaluate_kw)
     result.test_top1, result.test_loss = before["top1"], before["loss"]
     result.layer_diagnostics = before["diagnostics"]
     for key in ("mask_density", "branch_ratio"):

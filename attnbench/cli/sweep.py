@@ -221,7 +221,8 @@ def _print_plan(checked) -> None:
         if not shown_costs or {"model", "data"} & set(point.overrides):
             arch = _print_plan_at(checked, point.label)
             shown_costs = True
-        trainings = len(experiment.at(point.label).plan()) * len(experiment.seeds)
+        at = experiment.at(point.label)
+        trainings = len(at.plan()) * (len(experiment.seeds) + (at.tune.trials if at.tune else 0))
         console.print(escape(printable(f"point '{point.label}' ({point.field}): {point.describe()}; "
                                        f"{trainings} trainings")), highlight=False, soft_wrap=True)
     _print_totals(checked, arch)
@@ -272,9 +273,12 @@ def _print_totals(checked, arch: str) -> None:
         experiment.baseline else "; pruning on" if experiment.pruning else ""
     points = f" ({len(experiment.plan())} configurations x {len(experiment.points)} points of 'across')" \
         if experiment.points else ""
+    tune = experiment.tune
+    tuning = (f", each after {tune.trials} tuning trainings of {' and '.join(tune.ranges)} on the validation split "
+              f"(seed {tune.seed})") if tune else ""
     console.print(f"{n_trials if n_trials is not None else 'time-limited'} trials{points} x {len(experiment.seeds)} "
                   f"seeds "
-                  f"{list(experiment.seeds)}; sampler {experiment.sampler}; objectives "
+                  f"{list(experiment.seeds)}{tuning}; sampler {experiment.sampler}; objectives "
                   f"{', '.join(f'{o.direction} {o.metric}' for o in experiment.objectives)}; model {arch} "
                   f"on {experiment.dataset}, device {checked.device}{escape(continuous)}{escape(pruning)}",
                   highlight=False)

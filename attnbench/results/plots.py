@@ -344,8 +344,11 @@ def learning_curves_plot(trials: pd.DataFrame, summary: pd.DataFrame, path: Path
                     label=f"{printable(str(curve['config']))} (n={curve['n']}){mark}" if ax is axes[0] else None)
             if curve["n"] > 1:
                 ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+    from matplotlib.ticker import MaxNLocator
+
     for ax, (column, label) in zip(axes, learning.CURVES.items()):
         ax.set(xlabel="epoch", ylabel=f"{label}; mean ± std over seeds")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole
         ax.grid(True, alpha=0.3)
     point = next((p for p in summary.get("point", []) if isinstance(p, str)), None)
     fig.suptitle(f"learning curves: study '{printable(str(summary['study'].iloc[0]))}'"

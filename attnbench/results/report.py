@@ -59,7 +59,8 @@ _MEANS = schema.names("top1_train_form", "switch_cost", "best_val_top1", "mask_d
                       "wall_time_s")
 _MEDIANS = schema.names("macs", "attention_macs", "params", "num_tokens", "latency_median_ms", "latency_iqr_ms",
                         "samples_per_s", "forward_memory_mb")
-_FIRSTS = schema.names("variant", "arch", "dataset", "checkpoint")
+_FIRSTS = schema.names("variant", "arch", "dataset", "checkpoint", "tuned_lr", "tuned_weight_decay", "tuning_seed",
+                       "tuning_trials")
 _IMPROVING = schema.names("still_improving")[0]
 _OPTION_PREFIX = "opt_"   # summary columns spread from the stored options JSON
 
@@ -501,7 +502,21 @@ def _legend(frame: pd.DataFrame, columns: Sequence[str]) -> str:
     if conversion.is_conversion(frame):   # its own words for top-1 and Δ; the statistics as below
         own = conversion.legend(frame, columns)
         return f"{own} {_legend_notes(frame, [c for c in columns if c not in ('top1', 'delta_top1')])}".strip()
-    return _legend_notes(frame, columns)
+    return f"{_legend_notes(frame, columns)} {_tuning_note(frame)}".strip()
+
+
+def _tuning_note(frame: pd.DataFrame) -> str:
+    """The footer's word on a study whose configurations were tuned: what each chose, on how many trainings."""
+    if "tuned_lr" not in frame or not frame["tuned_lr"].notna().any():
+        return ""
+    tuned = frame[frame["tuned_lr"].notna()]
+    counts = {len(json.loads(t)) for t in tuned["tuning_trials"] if isinstance(t, str)}
+    chosen = "; ".join(f"{r['config']} lr {r['tuned_lr']:.3g}" + (
+        f", wd {r['tuned_weight_decay']:.3g}" if pd.notna(r.get("tuned_weight_decay")) else "")
+        for _, r in tuned.iterrows())
+    seed = next(iter(tuned["tuning_seed"].dropna()), None)
+    return (f"Tuned: each configuration's recipe was chosen by {'/'.join(map(str, sorted(counts)))} trainings on the "
+            f"validation split (seed {seed}; the test split unseen), then its seeds ran at the chosen value: {chosen}.")
 
 
 def _legend_notes(frame: pd.DataFrame, columns: Sequence[str]) -> str:

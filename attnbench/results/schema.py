@@ -26,7 +26,7 @@ __all__ = ["SCHEMA_VERSION", "KINDS", "TRIAL", "BENCHMARK", "Column", "COLUMNS",
            "SchemaError"]
 
 #: Version of the row layout below; stored in every row and in each file's metadata.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 TRIAL = "trial"
 BENCHMARK = "benchmark"
@@ -187,6 +187,13 @@ COLUMNS: tuple[Column, ...] = (
     _c("convert_keys", _S, "", "conversion: JSON {loaded: count, new: {key: how it started (zero or init)}, "
                                "unused: [teacher keys not loaded]}", _TR, since=4),
     _c("convert_config", _S, "", "conversion: JSON, the convert block as run", _TR, since=4),
+    _c("tuned_lr", _F, "", "tune: the learning rate tuning chose for this configuration (on validation)", _TR,
+       since=7),
+    _c("tuned_weight_decay", _F, "", "tune: the weight decay tuning chose (null when not tuned)", _TR, since=7),
+    _c("tuning_seed", _I, "", "tune: the seed of the tuning trainings", _TR, since=7),
+    _c("tuning_trials", _S, "", "tune: JSON, every tuning training: [{lr, weight_decay, val_top1, status}] (validation "
+                                "top-1 of the inference form; the test split is never evaluated while tuning)", _TR,
+       since=7),
     _c("train_device", _S, "", "device the model was trained on", _TR),
     _c("train_threads", _I, "", "torch threads during training", _TR),
     # --- speed and memory -------------------------------------------------------------------------

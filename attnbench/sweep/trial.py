@@ -26,6 +26,7 @@ from attnbench.results import schema, store
 from attnbench.sweep.storage import study_lock
 from attnbench.sweep.study import ERROR_ATTR, EXPERIMENT_ATTR, INTERRUPTED_ATTR, trial_by_number, trial_key
 from attnbench.train import TrainConfig, TrainResult, default_arch, fit
+from attnbench.tuning import search as tuning
 
 
 CHECKPOINTS_DIR = "checkpoints"   # under results/<study>/: train.save_checkpoint's files
@@ -54,6 +55,7 @@ class TrialContext:
     point_data: dict[str, Callable[[dict], Any]] = dataclasses.field(default_factory=dict)   # across: per point
     point: Optional[str] = None   # the point of 'across' this trial runs at (experiment is then that point's)
     point_index: Optional[int] = None
+    tuned: dict[str, Any] = dataclasses.field(default_factory=dict)   # tune: the tuning's row columns
 
     def at_point(self, study: Experiment, point: Optional[str]) -> "TrialContext":
         """This context at a point of the study's ``across`` (itself without one)."""
@@ -98,6 +100,14 @@ def model_kwargs(ctx: TrialContext) -> dict[str, Any]:
 
 def _build(ctx: TrialContext, config: VariantConfig, seed: int):
     return models.create_model(ctx.arch, config.variant, config.options, seed=seed, **model_kwargs(ctx))
+
+
+def _build_from(ctx: TrialContext, config: VariantConfig, seed: int):
+    """A seed's model, from ``model.checkpoint`` when the study starts from one."""
+    model = _build(ctx, config, seed)
+    if ctx.experiment.checkpoint is not None:   # checked to fit before the sweep began
+        models.load_checkpoint(model, ctx.experiment.checkpoint)
+    return model
 
 
 def _input_shape(ctx: TrialContext) -> tuple[int, int, int]:
@@ -166,13 +176,18 @@ def _row(ctx: TrialContext, trial: optuna.Trial, key: int, config: VariantConfig
         "n_train": len(s.train), "n_val": len(s.val), "n_test": len(s.test),
         "sampler": e.sampler, "sampler_seed": ctx.sampler_seed, "worker": ctx.worker,
         "status": status, "error": error, "wall_time_s": wall, "init_checkpoint": e.checkpoint,
-        **costs, **ctx.environment,
+        **costs, **ctx.environment, **ctx.tuned,
     }
     if result is not None:
         row.update(_result_columns(result))
     if conversion is not None:
         row.update(conversion.columns)
     return schema.check_row(row)
+
+
+def _tuned_columns(spec, tuned: "tuning.Tuned") -> dict[str, Any]:
+    return {"tuned_lr": tuned.values["lr"], "tuned_weight_decay": tuned.values.get("weight_decay"),
+            "tuning_seed": spec.seed, "tuning_trials": json.dumps(tuned.trials)}
 
 
 def save_seed_checkpoint(ctx: TrialContext, key: int, seed: int, model) -> str:
@@ -241,13 +256,17 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
         costs = _costs(ctx, config)
         if e.max_macs is not None and costs["macs"] > e.max_macs:
             raise TrialFailed(f"{costs['macs']:,} MACs exceed constraints.max_macs {e.max_macs:,}")
+        tuned = None
+        if at.tune is not None:   # the same number of validation-only trainings for every configuration
+            tuned = tuning.tune_recipe(at.tune, at.train, functools.partial(_build_from, ctx, config), ctx.splits,
+                                       ctx.device, name=f"{config.label}@{ctx.point}")
+            ctx = dataclasses.replace(ctx, experiment=dataclasses.replace(at, train={**at.train, **tuned.values}),
+                                      tuned=_tuned_columns(at.tune, tuned))
+            at = ctx.experiment
         results, last_model = [], None
         for index, seed in enumerate(e.seeds):
             seed_start = time.perf_counter()
-            model = _build(ctx, config, seed)
-            if at.checkpoint is not None:   # checked to fit before the sweep began
-                models.load_checkpoint(model, at.checkpoint)
-            model = model.to(ctx.device)
+            model = _build_from(ctx, config, seed).to(ctx.device)
             report = _pruning_reporter(trial, e, prunable) if index == 0 else None
             conversion = None
             try:
