@@ -53,13 +53,10 @@ def _present(value: Any) -> bool:
 
 
 def machine_differences(row: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """The columns of :data:`REPEATS_WITH` whose stored value differs from ``now``'s (either known)."""
-    out = {}
-    for column in REPEATS_WITH:
-        before, after = row.get(column), now.get(column)
-        if (_present(before) or _present(after)) and before != after:
-            out[column] = (before if _present(before) else None, after if _present(after) else None)
-    return out
+    """The columns of :data:`REPEATS_WITH` recorded in both whose values differ (an older row may
+    lack some: those are not compared)."""
+    return {column: (row[column], now[column]) for column in REPEATS_WITH
+            if _present(row.get(column)) and _present(now.get(column)) and row[column] != now[column]}
 
 
 def rerun(row: Mapping[str, Any], device: Optional[str] = None, progress: bool = False) -> Rerun:
