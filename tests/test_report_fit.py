@@ -168,7 +168,7 @@ def test_sweep_plan_fits_80_columns(monkeypatch):
     experiment = types.SimpleNamespace(name="ablation", source="experiments/ablation.yaml", n_trials=lambda: 3,
                                        plan=lambda: [1], seeds=[0, 1], sampler="grid", pruning=False, baseline=None,
                                        objectives=[types.SimpleNamespace(direction="maximize", metric="top1")],
-                                       dataset="digits", points=())
+                                       dataset="digits", points=(), tune=None)
     console = Console(width=80, record=True, file=io.StringIO())
     monkeypatch.setattr(cli_sweep, "console", console)   # the console _print_plan prints to
     cli_sweep._print_plan(types.SimpleNamespace(experiment=experiment, device="cpu"))

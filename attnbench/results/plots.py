@@ -17,7 +17,7 @@ import pandas as pd
 
 from attnbench.results import conversion, curves as learning, schema
 from attnbench.terminal import IMPROVING_MARK, printable
-from attnbench.results.report import KEYS, prepare_trials
+from attnbench.results.summary import KEYS, prepare_trials
 
 __all__ = ["variant_color", "write_plots", "pareto_figure", "pareto_plot", "scaling_plot", "mask_curves",
            "mask_density_plot", "recovery_plot", "learning_curves_plot"]
