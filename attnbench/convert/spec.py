@@ -64,7 +64,7 @@ def parse_convert(r, raw: Any, train: dict, dataset: str, data_options: dict) ->
     """The ``convert`` block (None when absent); ``r`` is the experiment's reader (errors name
     the file and the field), ``train`` the experiment's parsed ``train``."""
     from attnbench.checkpoints import SUFFIXES
-    from attnbench.experiment import _check_options, _train, _variant_name
+    from attnbench.experiment.parse import _check_options, _train, _variant_name
     from attnbench.suggest import did_you_mean
 
     if raw is None:
