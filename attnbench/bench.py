@@ -43,7 +43,7 @@ from attnbench.results import schema
 from attnbench.variant import AttentionVariant
 
 __all__ = ["BenchConfig", "BenchError", "BenchResult", "build_module", "crossover", "run_benchmark",
-           "parse_tokens", "parse_variants", "render"]
+           "parse_tokens", "parse_variants"]
 
 LEVELS = ("layer", "model")
 BASELINE = schema.BASELINE
@@ -452,121 +452,12 @@ def _run(config: BenchConfig, env: dict[str, Any], progress, write: bool) -> Ben
 
         name = f"benchmarks/bench-{run_id}"
         result.rows_path = store.write_rows(config.out, rows, name)
-        result.plot_path = plot(result, Path(config.out) / (name + ".png"))
+        import pandas as pd
+
+        from attnbench.results.plots import scaling_plot
+
+        result.plot_path = scaling_plot(pd.DataFrame(result.rows), Path(config.out) / (name + ".png"))
     return result
-
-
-# ---------------------------------------------------------------------------------- output
-
-def plot(result: BenchResult, path: Path) -> Path:
-    """Log-log PNG: latency (median, bars = min..max over processes) and MACs against tokens."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy, no pyplot, no GUI backend
-    from matplotlib.figure import Figure
-
-    from attnbench.results.plots import variant_color
-
-    config = result.config
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_ms, ax_macs = fig.subplots(1, 2)
-    for variant in config.variants:
-        rows = [r for r in result.rows if r["variant"] == variant]
-        n = [r["tokens"] for r in rows]
-        ms = [r["latency_median_ms"] for r in rows]
-        err = [[m - r["latency_min_ms"] for m, r in zip(ms, rows)], [r["latency_max_ms"] - m for m, r in zip(ms, rows)]]
-        ax_ms.errorbar(n, ms, yerr=err, marker="o", capsize=3, color=variant_color(variant), label=variant)
-        ax_macs.plot(n, [r["macs"] for r in rows], marker="o", color=variant_color(variant), label=variant)
-    where = f"{config.device}, {_threads_label(config.thread_count)}" if config.device == "cpu" else config.device
-    where += f", {config.dtype}"
-    shape = f"{config.level}, C={config.dim}, h={config.heads}" + (f", depth {config.depth}" if config.level == "model" else "")
-    ax_ms.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=f"latency per forward, ms (batch {config.batch})",
-              title=f"latency ({where})")
-    ax_macs.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="MACs per sample (counted)",
-                title=f"MACs ({shape})")
-    from matplotlib.ticker import NullFormatter
-
-    for ax in (ax_ms, ax_macs):
-        ax.set_xticks(list(config.tokens), [str(n) for n in config.tokens])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def _threads_label(count: int) -> str:
-    return f"{count} thread" + ("" if count == 1 else "s")
-
-
-def _si(value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.0f}"
-
-
-def render(result: BenchResult) -> list:
-    """Rich renderables: the results table, one crossover line per variant, a load warning."""
-    from rich.markup import escape
-
-    from attnbench.fitted_table import FittedColumn, FittedTable
-
-    config = result.config
-    speeds = [row.get("speedup_vs_softmax") for row in result.rows]
-    mems = [row.get("forward_memory_mb") for row in result.rows]
-    columns = [  # (header, cells, legend); a header's second line keeps its column narrow
-        ("variant", [row["variant"] for row in result.rows], ""),
-        ("N", [str(row["tokens"]) for row in result.rows], "N: tokens."),
-        ("MACs", [_si(row["macs"]) for row in result.rows], "MACs per sample (counted, 1 MAC = 2 FLOPs)."),
-        ("attn MACs\nanalytic", [_si(row["attention_macs"]) for row in result.rows],
-         "attn MACs: analytic MACs of the attention layers."),
-        ("params", [_si(row["params"]) for row in result.rows], ""),
-        ("ms", [f"{r['latency_median_ms']:.3g}" if r["latency_median_ms"] < 100 else f"{r['latency_median_ms']:.0f}"
-                for r in result.rows], "ms: median over processes of per-process medians."),
-        ("IQR", [f"{100.0 * r['latency_iqr_ms'] / r['latency_median_ms']:.0f}%" if r["latency_median_ms"] else "-"
-                 for r in result.rows], "IQR: within a process, % of ms."),
-        ("spread", [f"{row['latency_spread_pct']:.0f}%" for row in result.rows],
-         "spread: (max-min)/median across processes."),
-        ("vs\nsoftmax", ["-" if speed is None else f"{speed:.2f}x" for speed in speeds],
-         "vs softmax: softmax's ms / this ms."),
-        ("mem\nMiB", ["-" if mem is None else f"{mem:.1f}" for mem in mems],
-         "mem: peak resident rise during one forward (batch)."),
-    ]
-    legends = {header.replace("\n", " "): text for header, _, text in columns}
-    table = FittedTable(
-        [FittedColumn(header.replace("\n", " "), header, cells, "left" if header == "variant" else "right")
-         for header, cells, _ in columns],
-        title=f"attnbench bench: {config.level} level, C={config.dim}, h={config.heads}, batch {config.batch}, "
-              f"{config.device}, {config.dtype}, {_threads_label(config.thread_count)}, {config.repeats} processes "
-              f"x {config.samples} blocks, ops {config.ops}",
-        priority=("variant", "N", "ms", "vs softmax", "MACs", "spread", "IQR", "mem MiB", "attn MACs analytic",
-                  "params"),
-        legend=lambda shown: " ".join(legends[name] for name in shown if legends[name]),
-        section_every=len(config.variants),   # rows go token count by token count: a rule between them
-        omitted_note=lambda omitted, width: f"Left out to fit {width} columns: {', '.join(omitted)} (the rows "
-                                            f"file holds every value).")
-    lines = [table]
-    other = {r["variant"]: r["kernel_implementation"] for r in result.rows
-             if r["kernel_implementation"] not in (config.ops, kernels.SINGLE)}
-    if other:
-        lines.append(escape(f"kernels: asked for {config.ops}; ran "
-                            + ", ".join(f"{v}: {k}" for v, k in other.items())))
-    if BASELINE not in config.variants:
-        lines.append("crossover: not computed (add softmax to --variants as the baseline)")
-    for variant, (value, note) in result.crossovers.items():
-        where = f"~{value:,.0f} tokens" if value is not None else (
-            f"below range (already faster at {config.tokens[0]} tokens)" if note == "below range"
-            else f"none in range ({config.tokens[0]}..{config.tokens[-1]} tokens)")
-        lines.append(escape(f"crossover, {variant} faster than softmax: {where}"))
-    load = result.rows[0].get("load_avg_1m") if result.rows else None
-    if config.device == "cpu" and load is not None and load > 0.5:
-        lines.append(f"[yellow]note:[/] the machine was busy when the benchmark started (1-min load {load:.1f} "
-                     f"on {result.rows[0].get('cpu_count')} cores); CPU timings with {_threads_label(config.thread_count)} "
-                     f"are inflated and spread widely when cores are shared.")
-    return lines
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from attnbench.experiment import (DATA_PREFIX, Experiment, ExperimentError, Para
 from attnbench.paths import folder_problem
 from attnbench.suggest import did_you_mean
 
-__all__ = ["ExperimentRefused", "CheckedExperiment", "check_experiment", "data_loader", "resolve_device",
+__all__ = ["ExperimentRefused", "CheckedExperiment", "check_experiment", "data_loader", "check_device",
            "patch_problem"]
 
 _BUILD_PROBE = "softmax"   # a built-in variant: if it cannot be built, the model settings are at fault
@@ -70,12 +70,15 @@ def data_loader(experiment: Experiment) -> Callable[[dict[str, Any]], Any]:
     return lambda overrides: load(tuple(sorted(overrides.items())))
 
 
-def resolve_device(device: str) -> tuple[str, Optional[str]]:
-    """(the device a sweep runs on, a problem or None): ``auto`` is CUDA when present, else CPU."""
+def check_device(device: str) -> tuple[str, Optional[str]]:
+    """(the device a sweep runs on, a problem or None): ``auto`` as :func:`attnbench.train.resolve_device`
+    reads it (CUDA when present, else CPU); an explicit device is checked to exist."""
     import torch
 
+    from attnbench.train import resolve_device
+
     if device == "auto":
-        return ("cuda" if torch.cuda.is_available() else "cpu"), None
+        return resolve_device("auto").type, None
     if device == "cpu":
         return device, None
     match = re.fullmatch(r"cuda(?::(\d+))?", device)
@@ -104,7 +107,7 @@ def check_experiment(experiment: Experiment, *, device: str = "auto",
         ExperimentRefused: every problem found, one line each.
     """
     check = _Check(experiment)
-    resolved, problem = resolve_device(device)
+    resolved, problem = check_device(device)
     if problem:
         check.problem("--device", problem)
     if results_dir is not None:

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from attnbench import bench
 from attnbench.cli import main
+from attnbench.cli import bench as cli_bench
 from attnbench.cli import sweep as cli_sweep
 from attnbench.results import plots, report, store
 
@@ -191,7 +192,7 @@ def _bench_result(variants=("softmax", "linear-angular", "castling"), tokens=(19
 
 def test_bench_table_fits_80_columns():
     result = _bench_result()
-    text = _render(bench.render(result), 80)
+    text = _render(cli_bench.render(result), 80)
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 80
     for row in result.rows:                       # each row on one line, its values whole
@@ -246,14 +247,25 @@ def test_one_colour_per_variant_in_every_plot(summary, results, tmp_path, monkey
     bench_rows = pd.DataFrame(result.rows).assign(kind="benchmark")
     assert plots.pareto_plot(summary, tmp_path / "p.png") and plots.scaling_plot(bench_rows, tmp_path / "s.png")
     assert plots.mask_density_plot(plots.mask_curves(trials, summary), tmp_path / "m.png")
-    bench.plot(result, tmp_path / "b.png")
-    pareto, scaling, mask, bench_plot = map(_colours, figures)
+    pareto, scaling, mask = map(_colours, figures)
     for variant in ("softmax", "linear-angular", "castling"):
         expected = to_hex(plots.variant_color(variant))
-        assert scaling[variant] == bench_plot[variant] == expected, variant
+        assert scaling[variant] == expected, variant
         assert pareto[variant] == expected, variant
     for label, (variant, *_) in NINE.items():
         if variant == "castling":
             assert mask[label] == to_hex(plots.variant_color("castling")), label
     assert len({plots.variant_color(v) for v in ("softmax", "linear", "angular", "linear-angular", "castling")}) == 5
     assert plots.variant_color("my-plugin") == plots.variant_color("my-plugin")
+
+
+def test_log_axes_are_labelled_in_plain_numbers(tmp_path, monkeypatch):
+    """Plots draw user text with TeX off; a log axis's default labels are TeX and would show raw."""
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    rows = pd.DataFrame(_bench_result().rows).assign(kind="benchmark")
+    assert plots.scaling_plot(rows, tmp_path / "s.png")
+    labels = [t.get_text() for ax in figures[0].axes for t in ax.get_yticklabels(minor=False)
+              + ax.get_yticklabels(minor=True)]
+    assert any(labels) and not any("mathdefault" in text or "$" in text for text in labels), labels

@@ -1,5 +1,7 @@
-"""``attnbench bench``: the scaling benchmark of variants against token count."""
+"""``attnbench bench``: the scaling benchmark of variants against token count, and its table."""
 from __future__ import annotations
+
+from typing import Optional
 
 import click
 from rich.markup import escape
@@ -47,6 +49,80 @@ def bench_command(variants, tokens, dim, heads, batch, level, depth, patch, thre
             result = bench.run_benchmark(config, progress=progress)
     except (bench.BenchError, registry.VariantError) as err:
         fail(str(err))
-    for item in bench.render(result):
+    for item in render(result):
         console.print(item)
     console.print(escape(f"rows: {result.rows_path}\nplot: {result.plot_path}"), highlight=False)
+
+
+def _threads_label(count: int) -> str:
+    return f"{count} thread" + ("" if count == 1 else "s")
+
+
+def _si(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.0f}"
+
+
+def render(result) -> list:
+    """Rich renderables: the results table, one crossover line per variant, a load warning."""
+    from attnbench import kernels
+    from attnbench.fitted_table import FittedColumn, FittedTable
+    from attnbench.results.schema import BASELINE
+
+    config = result.config
+    speeds = [row.get("speedup_vs_softmax") for row in result.rows]
+    mems = [row.get("forward_memory_mb") for row in result.rows]
+    columns = [  # (header, cells, legend); a header's second line keeps its column narrow
+        ("variant", [row["variant"] for row in result.rows], ""),
+        ("N", [str(row["tokens"]) for row in result.rows], "N: tokens."),
+        ("MACs", [_si(row["macs"]) for row in result.rows], "MACs per sample (counted, 1 MAC = 2 FLOPs)."),
+        ("attn MACs\nanalytic", [_si(row["attention_macs"]) for row in result.rows],
+         "attn MACs: analytic MACs of the attention layers."),
+        ("params", [_si(row["params"]) for row in result.rows], ""),
+        ("ms", [f"{r['latency_median_ms']:.3g}" if r["latency_median_ms"] < 100 else f"{r['latency_median_ms']:.0f}"
+                for r in result.rows], "ms: median over processes of per-process medians."),
+        ("IQR", [f"{100.0 * r['latency_iqr_ms'] / r['latency_median_ms']:.0f}%" if r["latency_median_ms"] else "-"
+                 for r in result.rows], "IQR: within a process, % of ms."),
+        ("spread", [f"{row['latency_spread_pct']:.0f}%" for row in result.rows],
+         "spread: (max-min)/median across processes."),
+        ("vs\nsoftmax", ["-" if speed is None else f"{speed:.2f}x" for speed in speeds],
+         "vs softmax: softmax's ms / this ms."),
+        ("mem\nMiB", ["-" if mem is None else f"{mem:.1f}" for mem in mems],
+         "mem: peak resident rise during one forward (batch)."),
+    ]
+    legends = {header.replace("\n", " "): text for header, _, text in columns}
+    table = FittedTable(
+        [FittedColumn(header.replace("\n", " "), header, cells, "left" if header == "variant" else "right")
+         for header, cells, _ in columns],
+        title=f"attnbench bench: {config.level} level, C={config.dim}, h={config.heads}, batch {config.batch}, "
+              f"{config.device}, {config.dtype}, {_threads_label(config.thread_count)}, {config.repeats} processes "
+              f"x {config.samples} blocks, ops {config.ops}",
+        priority=("variant", "N", "ms", "vs softmax", "MACs", "spread", "IQR", "mem MiB", "attn MACs analytic",
+                  "params"),
+        legend=lambda shown: " ".join(legends[name] for name in shown if legends[name]),
+        section_every=len(config.variants),   # rows go token count by token count: a rule between them
+        omitted_note=lambda omitted, width: f"Left out to fit {width} columns: {', '.join(omitted)} (the rows "
+                                            f"file holds every value).")
+    lines = [table]
+    other = {r["variant"]: r["kernel_implementation"] for r in result.rows
+             if r["kernel_implementation"] not in (config.ops, kernels.SINGLE)}
+    if other:
+        lines.append(escape(f"kernels: asked for {config.ops}; ran "
+                            + ", ".join(f"{v}: {k}" for v, k in other.items())))
+    if BASELINE not in config.variants:
+        lines.append("crossover: not computed (add softmax to --variants as the baseline)")
+    for variant, (value, note) in result.crossovers.items():
+        where = f"~{value:,.0f} tokens" if value is not None else (
+            f"below range (already faster at {config.tokens[0]} tokens)" if note == "below range"
+            else f"none in range ({config.tokens[0]}..{config.tokens[-1]} tokens)")
+        lines.append(escape(f"crossover, {variant} faster than softmax: {where}"))
+    load = result.rows[0].get("load_avg_1m") if result.rows else None
+    if config.device == "cpu" and load is not None and load > 0.5:
+        lines.append(f"[yellow]note:[/] the machine was busy when the benchmark started (1-min load {load:.1f} "
+                     f"on {result.rows[0].get('cpu_count')} cores); CPU timings with {_threads_label(config.thread_count)} "
+                     f"are inflated and spread widely when cores are shared.")
+    return lines

@@ -25,6 +25,7 @@ __all__ = ["variant_color", "write_plots", "pareto_figure", "pareto_plot", "scal
 _SETUP = schema.names("level", "dim", "heads", "depth", "measure_batch", "device", "threads", "kernel_implementation")
 _MACS, _LATENCY, _VARIANT, _TOKENS, _CURVE = schema.names("macs", "latency_median_ms", "variant", "tokens",
                                                           "mask_density_curve")
+_LATENCY_MIN, _LATENCY_MAX = schema.names("latency_min_ms", "latency_max_ms")
 
 
 #: The built-in variants' colours (matplotlib's tab10), fixed so that every plot, of any subset
@@ -190,30 +191,76 @@ def pareto_plot(summary: pd.DataFrame, path: Path) -> Optional[Path]:
 
 
 @_plain_text
+def _plain_number(value: float, _position=None) -> str:
+    """A tick label without TeX: 0.5, 12, 3.4k, 1.2M, 5G."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _plain_log_formatter(minor: bool):
+    """Log-axis tick labels as plain numbers; minor ticks labelled (at 2 and 5) only where the axis
+    spans under two decades, so that labels never crowd."""
+    import math
+
+    from matplotlib.ticker import Formatter
+
+    class PlainLog(Formatter):
+        def __call__(self, value, pos=None):
+            if value <= 0:
+                return ""
+            if minor:
+                low, high = self.axis.get_view_interval()
+                mantissa = value / 10 ** math.floor(math.log10(value))
+                if high > 100 * max(low, 1e-300) or round(mantissa) not in (2, 5):
+                    return ""
+            return _plain_number(value)
+
+    return PlainLog()
+
+
 def scaling_plot(bench: pd.DataFrame, path: Path) -> Optional[Path]:
-    """Latency and MACs against tokens (log-log) from benchmark rows, one line per variant and setup."""
+    """Latency and MACs against tokens (log-log) from benchmark rows, one line per variant and setup;
+    latency bars span the fastest to the slowest timing process where the rows say
+    (``latency_min_ms``, ``latency_max_ms``). ``attnbench bench`` draws its run with it too."""
     if bench.empty or not {_VARIANT, _TOKENS} <= set(bench.columns):
         return None
-    metrics = [(c, label) for c, label in ((_LATENCY, "latency ms (median)"), (_MACS, "MACs per sample"))
+    metrics = [(c, label) for c, label in ((_LATENCY, "latency ms per forward (median)"), (_MACS, "MACs per sample"))
                if c in bench and bench[c].notna().any()]
     if not metrics:
         return None
     setup_cols = [c for c in _SETUP if c in bench]
-    data = bench.assign(setup=bench[setup_cols].astype(str).agg(", ".join, axis=1) if setup_cols else "")
+    shown = bench[setup_cols].astype(object).where(bench[setup_cols].notna(), "-").map(str)   # a gap reads "-"
+    data = bench.assign(setup=shown.agg(", ".join, axis=1) if setup_cols else "")
     many = data["setup"].nunique() > 1
     fig, axes = _figure(len(metrics))
     for ax, (metric, label) in zip(axes, metrics):
         for (variant, setup), group in data.groupby([_VARIANT, "setup"], sort=True):
-            curve = group.groupby(_TOKENS)[metric].median().dropna()
-            if not curve.empty:
-                ax.plot(curve.index, curve.values, "o-", color=variant_color(variant),
-                        label=printable(f"{variant} ({setup})" if many else variant))
+            by_tokens = group.groupby(_TOKENS)
+            curve = by_tokens[metric].median().dropna()
+            if curve.empty:
+                continue
+            style = dict(color=variant_color(variant), label=printable(f"{variant} ({setup})" if many else variant))
+            if metric == _LATENCY and {_LATENCY_MIN, _LATENCY_MAX} <= set(group.columns) \
+                    and group[_LATENCY_MIN].notna().all():
+                low, high = by_tokens[_LATENCY_MIN].min()[curve.index], by_tokens[_LATENCY_MAX].max()[curve.index]
+                ax.errorbar(curve.index, curve.values, yerr=[curve.values - low.values, high.values - curve.values],
+                            marker="o", capsize=3, **style)
+            else:
+                ax.plot(curve.index, curve.values, "o-", **style)
         ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=label, title=f"{label} vs tokens")
         ticks = sorted(data[_TOKENS].dropna().unique())
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.xaxis.set_minor_formatter("")
+        # plain numbers: the log formatter's default labels are TeX, which plain-text mode shows raw
+        ax.yaxis.set_major_formatter(_plain_log_formatter(minor=False))
+        ax.yaxis.set_minor_formatter(_plain_log_formatter(minor=True))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+    if not many and setup_cols:
+        fig.suptitle(printable(", ".join(f"{c} {v}" for c, v in zip(setup_cols, shown.iloc[0]) if v != "-")),
+                     fontsize=9)
     return _save(fig, path)
 
 
