@@ -113,9 +113,9 @@ def test_options_follow_the_dataclass_fields_and_their_types():
 
 
 def test_run_specs_and_key_values():
-    assert cli_train._parse_run("castling") == ("castling", {})
-    assert cli_train._parse_run("attnbench:castling") == ("attnbench:castling", {})
-    assert cli_train._parse_run("attnbench:castling:threshold=0.1,mask_schedule=none") == \
+    assert cli_common.parse_run("castling") == ("castling", {})
+    assert cli_common.parse_run("attnbench:castling") == ("attnbench:castling", {})
+    assert cli_common.parse_run("attnbench:castling:threshold=0.1,mask_schedule=none") == \
         ("attnbench:castling", {"threshold": 0.1, "mask_schedule": "none"})
     assert cli_common.parse_key_values(["eps=1e-6", "flag=true", "n=3", "s=head"], "--option") == \
         {"eps": 1e-6, "flag": True, "n": 3, "s": "head"}

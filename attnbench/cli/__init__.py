@@ -1,7 +1,7 @@
 """The ``attnbench`` command line. Each command parses its arguments and hands over to a module;
 errors the user can fix are printed as one line, with a non-zero exit and no traceback.
 
-One module a command (``variants``, ``train``, ``sweep``, ``bench``, ``report``, ``rerun``); ``_common`` holds
+One module a command (``variants``, ``train``, ``sweep``, ``bench``, ``report``, ``rerun``, ``export``); ``_common`` holds
 the consoles, ``fail()`` and ``KEY=VALUE`` parsing, ``dataclass_options`` the dataclass -> Click
 options machinery of ``train``. Only ``main`` is public; a test that replaces a helper (say
 ``console``) patches the module that uses it, e.g. ``attnbench.cli.variants``.
@@ -15,6 +15,7 @@ import click
 from attnbench import allocator, kernels
 from attnbench.cli._common import _show_warning, fail
 from attnbench.cli.bench import bench_command
+from attnbench.cli.export import export_command
 from attnbench.cli.report import report_command
 from attnbench.cli.rerun import rerun_command
 from attnbench.cli.sweep import sweep_command
@@ -36,5 +37,6 @@ def main() -> None:
     allocator.tune_malloc()   # training steps stop faulting their buffers back in (ATTNBENCH_MALLOC=system: off)
 
 
-for _command in (variants_command, train_command, sweep_command, bench_command, report_command, rerun_command):
+for _command in (variants_command, train_command, sweep_command, bench_command, report_command, rerun_command,
+                 export_command):
     main.add_command(_command)

@@ -63,3 +63,16 @@ def _variant_or_fail(name: str):
         return registry.variant_info(name)
     except registry.VariantError as err:
         fail(str(err))
+
+
+def parse_run(spec: str) -> tuple[str, dict]:
+    """``castling:mask_schedule=gate_linear,schedule_end=0.5`` -> (``castling``, options); a qualified
+    ``dist:name`` keeps its colon (options follow the last colon before the first ``=``).
+    """
+    equals = spec.find("=")
+    if equals < 0:
+        return spec.strip(), {}
+    colon = spec.rfind(":", 0, equals)
+    if colon < 0:
+        fail(f"run '{spec}': expected VARIANT or VARIANT:KEY=VALUE,...")
+    return spec[:colon].strip(), parse_key_values(filter(None, spec[colon + 1:].split(",")), f"run '{spec}'")

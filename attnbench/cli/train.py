@@ -14,7 +14,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from attnbench.cli._common import _variant_or_fail, console, err_console, fail, parse_key_values
+from attnbench.cli._common import _variant_or_fail, console, err_console, fail, parse_key_values, parse_run
 from attnbench.cli.dataclass_options import _dataclass_options
 from attnbench.terminal import IMPROVING_MARK
 
@@ -43,19 +43,6 @@ def _given(values: dict) -> dict:
     ctx = click.get_current_context()
     return {k: v for k, v in values.items()
             if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
-
-
-def _parse_run(spec: str) -> tuple[str, dict]:
-    """``castling:mask_schedule=gate_linear,schedule_end=0.5`` -> (``castling``, options); a qualified
-    ``dist:name`` keeps its colon (options follow the last colon before the first ``=``).
-    """
-    equals = spec.find("=")
-    if equals < 0:
-        return spec.strip(), {}
-    colon = spec.rfind(":", 0, equals)
-    if colon < 0:
-        fail(f"run '{spec}': expected VARIANT or VARIANT:KEY=VALUE,...")
-    return spec[:colon].strip(), parse_key_values(filter(None, spec[colon + 1:].split(",")), f"run '{spec}'")
 
 
 @click.command("train", cls=_TrainCommand)
@@ -101,7 +88,7 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
         problem = checkpoints.check_path(save_path)
         if problem:
             fail(f"--save {problem}")
-    parsed = [_parse_run(spec) for spec in specs]
+    parsed = [parse_run(spec) for spec in specs]
     for name, options in parsed:   # every run is checked before any trains
         cls = _variant_or_fail(name).cls
         try:
