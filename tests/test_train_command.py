@@ -13,7 +13,6 @@ from attnbench import train
 from attnbench.cli import _common as cli_common
 from attnbench.cli import main
 from attnbench.cli import dataclass_options
-from attnbench.cli import train as cli_train
 from attnbench.train import TrainConfig
 
 FAST = ["--max-steps", "2", "--model-option", "depth=1", "--no-progress", "--device", "cpu", "--num-threads", "1"]
