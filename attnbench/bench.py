@@ -42,7 +42,7 @@ from attnbench import kernels, measure, models, precision, provenance, registry,
 from attnbench.results import schema
 from attnbench.variant import AttentionVariant
 
-__all__ = ["BenchConfig", "BenchError", "BenchResult", "build_module", "crossover", "run_benchmark",
+__all__ = ["BenchConfig", "BenchError", "BenchResult", "build_module", "crossover", "floor_callable", "run_benchmark",
            "parse_tokens", "parse_variants"]
 
 LEVELS = ("layer", "model")
@@ -219,17 +219,50 @@ def _key(variant: str, tokens: int) -> str:
 
 # ------------------------------------------------------------------------ one timing process
 
+def floor_callable(layer: nn.Module, batch: int, tokens: int, dtype: str, device: str):
+    """The layer's matmul floor: its ``qkv`` and ``proj`` projections and the core's batched matmuls
+    (:meth:`AttentionVariant.core_matmuls`) on random operands, nothing else; None when the variant
+    does not declare its core matmuls."""
+    shapes = layer.core_matmuls(batch, tokens) if isinstance(layer, AttentionVariant) else None
+    if shapes is None:
+        return None
+    generator = torch.Generator(device=device).manual_seed(2)
+    operands = [(torch.randn(a, device=device, generator=generator), torch.randn(b, device=device,
+                                                                                  generator=generator))
+                for a, b in shapes]
+    qkv, proj = layer.qkv, layer.proj
+
+    def floor(x: torch.Tensor) -> None:
+        with precision.autocast(dtype, device):   # in the precision the layer is timed in
+            qkv(x)
+            proj(x)
+            for a, b in operands:
+                torch.matmul(a, b)
+
+    return floor
+
+
+def _floor_key(variant: str, tokens: int) -> str:
+    return f"floor|{_key(variant, tokens)}"
+
+
 def _time_in_this_process(config: BenchConfig, on_block=None) -> dict[str, dict]:
-    """Time every (variant, N) interleaved in this process; key -> Latency as a dict."""
+    """Time every (variant, N) interleaved in this process, and at the layer level each one's
+    matmul floor (:func:`floor_callable`) in the same rounds; key -> Latency as a dict."""
     torch.set_num_threads(config.thread_count)
     _use_ops(config.ops, len(config.tokens) * len(config.variants))
     callables = {}
     for tokens in config.tokens:
         for variant in config.variants:
-            module = precision.at_precision(_build(config, variant, tokens).to(config.device), config.dtype, config.device)
+            built = _build(config, variant, tokens).to(config.device)
+            module = precision.at_precision(built, config.dtype, config.device)
             inputs = torch.Generator(device=config.device).manual_seed(1)
             x = torch.randn(config.batch, *input_shape(config, tokens), device=config.device, generator=inputs)
             callables[_key(variant, tokens)] = (module, x)
+            floor = floor_callable(built, config.batch, tokens, config.dtype, config.device) \
+                if config.level == "layer" else None
+            if floor is not None:
+                callables[_floor_key(variant, tokens)] = (floor, x)
     result = measure.time_interleaved(callables, threads=config.thread_count, warmup=config.warmup,
                                       repeats=config.samples, device=config.device, on_block=on_block)
     return {key: latency.as_dict() for key, latency in result.items()}
@@ -338,6 +371,7 @@ def _aggregate(config: BenchConfig, processes: list[dict[str, dict]], static: di
                 "latency_spread_pct": 100.0 * (max(medians) - min(medians)) / median if median > 0 else math.nan,
                 "latency_process_ms": json.dumps([round(m, 4) for m in medians]),
                 "samples_per_s": config.batch / (median / 1e3) if median > 0 else math.nan,
+                **_floor_columns(processes, _floor_key(variant, tokens), median),
                 **env,
             }
             rows.append(row)
@@ -359,6 +393,14 @@ def _aggregate(config: BenchConfig, processes: list[dict[str, dict]], static: di
         row["crossover_tokens"] = value
         row["crossover_note"] = note
     return rows, crossovers
+
+
+def _floor_columns(processes: list[dict[str, dict]], key: str, median: float) -> dict[str, Any]:
+    """``floor_ms`` (median over processes) and ``floor_ratio`` (the layer's latency over it)."""
+    if any(key not in p for p in processes):
+        return {"floor_ms": None, "floor_ratio": None}
+    floor = statistics.median(p[key]["median_ms"] for p in processes)
+    return {"floor_ms": floor, "floor_ratio": median / floor if floor > 0 else None}
 
 
 def run_benchmark(config: BenchConfig, progress=None, write: bool = True) -> BenchResult:

@@ -341,6 +341,29 @@ class AttentionVariant(nn.Module):
         """Analytic MACs of :meth:`attend` for one sequence of ``num_tokens`` (inference form)."""
         raise NotImplementedError
 
+    def core_matmuls(self, batch: int, num_tokens: int) -> Optional[list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+        """The batched matmuls :meth:`attend` cannot do without (inference form), as ``(shape of a,
+        shape of b)`` pairs for ``torch.matmul``, for ``batch`` sequences of ``num_tokens``.
+
+        ``attnbench bench`` times these alone, with the layer's ``qkv`` and ``proj`` projections,
+        as the layer's floor: what no implementation of this attention can beat, so the ratio of
+        the layer's latency to it says how much is spent elsewhere (norms, convolutions,
+        elementwise passes). None (the default): not declared, and the bench shows no floor.
+        :meth:`matmul_shapes` gives the two usual forms.
+        """
+        return None
+
+    def matmul_shapes(self, batch: int, num_tokens: int, form: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """The core matmuls of the two usual forms, for :meth:`core_matmuls`: ``"quadratic"``
+        (Q K^T, then the N x N weights times V) or ``"linear"`` (phi(K)^T V, then phi(Q) times the
+        d x d context), per head, on (B, h, N, d) inputs."""
+        b, h, n, d = batch, self.num_heads, num_tokens, self.head_dim
+        if form == "quadratic":
+            return [((b, h, n, d), (b, h, d, n)), ((b, h, n, n), (b, h, n, d))]
+        if form == "linear":
+            return [((b, h, d, n), (b, h, n, d)), ((b, h, n, d), (b, h, d, d))]
+        raise ValueError(f"form must be 'quadratic' or 'linear', got {form!r}")
+
     def macs(self, num_tokens: int) -> int:
         """Analytic MACs of one forward of this layer (batch 1, inference form).
 

@@ -80,6 +80,10 @@ def test_cli_tiny_run_writes_rows_and_plot(tmp_path):
         assert rows[column].notna().all(), column
     assert (rows["latency_median_ms"] > 0).all() and (rows["macs"] > 0).all()
     assert (rows["latency_min_ms"] <= rows["latency_max_ms"]).all()
+    # each layer's matmul floor, timed in the same rounds, and the ratio to it
+    assert (rows["floor_ms"] > 0).all()
+    assert ((rows["latency_median_ms"] / rows["floor_ms"] - rows["floor_ratio"]).abs() < 1e-9).all()
+    assert "x floor" in " ".join(result.output.split())
     plots = list((out / "benchmarks").glob("bench-*.png"))
     assert len(plots) == 1 and plots[0].read_bytes()[:4] == b"\x89PNG"
 
@@ -127,3 +131,39 @@ def test_rows_name_the_eager_path_where_compiling_fell_back(monkeypatch):
         assert kernels.implementation_of(cls, "compile") == "compile"
     # a variant without alternatives never inherits another's label
     assert kernels.implementation_of(registry.get_variant("softmax"), "compile") == kernels.SINGLE
+
+
+@pytest.mark.parametrize("variant", __import__("attnbench").registry.list_variants("attnbench"))
+def test_every_built_in_variant_declares_the_matmuls_of_its_floor(variant):
+    """The floor's matmuls are well formed and never count more than the core's analytic MACs."""
+    from attnbench import models, registry
+
+    layer = models.castle(registry.build_attention(variant, 64, 4))
+    tokens = 65
+    shapes = layer.core_matmuls(1, tokens)
+    assert shapes is not None, "a built-in variant declares its core matmuls"
+    macs = 0
+    for a, b in shapes:
+        assert a[:-2] == b[:-2] and a[-1] == b[-2], (a, b)
+        macs += math.prod(a) * b[-1]
+    assert macs <= layer.core_macs(tokens)
+    if variant != "identity":   # the matmuls are the core's leading term
+        assert macs >= 0.5 * layer.core_macs(tokens), (macs, layer.core_macs(tokens))
+    floor = bench.floor_callable(layer, 2, tokens, "float32", "cpu")
+    floor(__import__("torch").randn(2, tokens, 64))
+
+
+def test_a_variant_without_declared_matmuls_has_no_floor(registered):
+    from attnbench.variant import AttentionVariant
+
+    class Plain(AttentionVariant):
+        def attend(self, q, k, v, attn_mask):
+            return v
+
+        def core_macs(self, num_tokens):
+            return 0
+
+    from attnbench import registry
+
+    name = registered(Plain, "plain-no-floor")
+    assert bench.floor_callable(registry.build_attention(name, 32, 2), 1, 17, "float32", "cpu") is None

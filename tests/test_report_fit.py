@@ -184,7 +184,8 @@ def _bench_result(variants=("softmax", "linear-angular", "castling"), tokens=(19
     rows = [{"variant": v, "tokens": n, "macs": int(1.3e6 * n), "attention_macs": int(1e6 * n), "params": 148224,
              "latency_median_ms": ms * n / 197, "latency_iqr_ms": 0.01 * ms * n / 197, "latency_min_ms": 0.9 * ms * n
              / 197, "latency_max_ms": 1.1 * ms * n / 197, "latency_spread_pct": 4.0, "speedup_vs_softmax": 1.1 / ms,
-             "forward_memory_mb": 12.5, "kernel_implementation": "n/a"}
+             "forward_memory_mb": 12.5, "kernel_implementation": "n/a", "floor_ms": 0.8 * ms * n / 197,
+             "floor_ratio": 1.25}
             for n in tokens for v, ms in zip(variants, (1.1, 0.5, 0.7))]
     config = bench.BenchConfig(variants=variants, tokens=tokens, threads=2)
     return bench.BenchResult(config, rows, {v: (400.0, "") for v in variants[1:]})
@@ -200,7 +201,10 @@ def test_bench_table_fits_80_columns():
         assert sum(line.split()[:2] == [row["variant"], str(row["tokens"])] and speed in line
                    for line in lines) == 1, row
     prose = " ".join(text.split())
-    assert "Left out to fit 80 columns: params" in prose and "vs softmax: softmax's ms" in prose
+    left_out = prose.split("Left out to fit 80 columns: ", 1)[1].split(" (")[0]
+    assert left_out and "vs softmax: softmax's ms" in prose
+    assert "x floor" not in left_out and all("1.25x" in line for line in lines if line.split()[:1] in
+                                             (["softmax"], ["linear-angular"], ["castling"]))
 
 
 # ------------------------------------------------------------------------------------ plots

@@ -69,5 +69,8 @@ class AngularAttention(AttentionVariant):
         sim = self.attn_drop(sim / sim.sum(dim=-1, keepdim=True).clamp_min(eps))
         return sim @ v
 
+    def core_matmuls(self, batch: int, num_tokens: int):
+        return self.matmul_shapes(batch, num_tokens, "quadratic")   # the angular weights are N x N too
+
     def core_macs(self, num_tokens: int) -> int:
         return 2 * num_tokens * num_tokens * self.dim

@@ -42,6 +42,9 @@ class LinearAttention(AttentionVariant):
         normaliser = q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1)  # (B, h, N, 1)
         return (q @ kv) / (normaliser + self.options.eps)
 
+    def core_matmuls(self, batch: int, num_tokens: int):
+        return self.matmul_shapes(batch, num_tokens, "linear")
+
     def core_macs(self, num_tokens: int) -> int:
         # K^T V and Q (K^T V): N d^2 per head each; the normaliser Q k_sum: N d per head.
         return 2 * num_tokens * self.dim * self.head_dim + num_tokens * self.dim

@@ -105,6 +105,10 @@ class LinearAngularAttention(AttentionVariant):
         except ValueError as err:
             raise ValueError(f"variant '{self._label()}': residual 'dwconv2d' needs a square token grid: {err}") from None
 
+    def core_matmuls(self, batch: int, num_tokens: int):
+        # Castling castled is this layer; its DWConv is a convolution, not part of the matmul floor
+        return self.matmul_shapes(batch, num_tokens, "linear")
+
     def core_macs(self, num_tokens: int) -> int:
         n, c = num_tokens, self.dim
         macs = 2 * n * c * self.head_dim                     # k^^T v and q^ (k^^T v)

@@ -19,6 +19,9 @@ class SoftmaxAttention(AttentionVariant):
         dropout = self.attn_drop.p if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
 
+    def core_matmuls(self, batch: int, num_tokens: int):
+        return self.matmul_shapes(batch, num_tokens, "quadratic")
+
     def core_macs(self, num_tokens: int) -> int:
         # Q K^T and A V: N^2 d each per head.
         return 2 * num_tokens * num_tokens * self.dim

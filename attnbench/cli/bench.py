@@ -91,6 +91,9 @@ def render(result) -> list:
          "spread: (max-min)/median across processes."),
         ("vs\nsoftmax", ["-" if speed is None else f"{speed:.2f}x" for speed in speeds],
          "vs softmax: softmax's ms / this ms."),
+        ("x\nfloor", ["-" if row.get("floor_ratio") is None else f"{row['floor_ratio']:.2f}x" for row in result.rows],
+         "x floor: ms / the layer's matmul floor (its qkv and proj projections and its core's batched matmuls, "
+         "timed alone in the same rounds)."),
         ("mem\nMiB", ["-" if mem is None else f"{mem:.1f}" for mem in mems],
          "mem: peak resident rise during one forward (batch)."),
     ]
@@ -101,7 +104,7 @@ def render(result) -> list:
         title=f"attnbench bench: {config.level} level, C={config.dim}, h={config.heads}, batch {config.batch}, "
               f"{config.device}, {config.dtype}, {_threads_label(config.thread_count)}, {config.repeats} processes "
               f"x {config.samples} blocks, ops {config.ops}",
-        priority=("variant", "N", "ms", "vs softmax", "MACs", "spread", "IQR", "mem MiB", "attn MACs analytic",
+        priority=("variant", "N", "ms", "vs softmax", "x floor", "MACs", "spread", "IQR", "mem MiB", "attn MACs analytic",
                   "params"),
         legend=lambda shown: " ".join(legends[name] for name in shown if legends[name]),
         section_every=len(config.variants),   # rows go token count by token count: a rule between them

@@ -210,6 +210,11 @@ COLUMNS: tuple[Column, ...] = (
        objective=Objective(_MIN, "memory")),
     _c("process_peak_memory_mb", _F, "MiB", "peak memory of the whole measuring process (interpreter, torch)"),
     _c("memory_method", _S, "", "how memory was measured (e.g. 'cpu child VmHWM-VmRSS')"),
+    _c("floor_ms", _F, "ms", "layer level: the layer's matmul floor (its qkv and proj projections and its core's "
+                             "batched matmuls, AttentionVariant.core_matmuls), timed alone in the same rounds, median "
+                             "over processes", _BE, since=7),
+    _c("floor_ratio", _F, "x", "latency_median_ms / floor_ms: how far the layer is from its matmul floor", _BE,
+       since=7),
     _c("speedup_vs_softmax", _F, "x", "softmax's latency / this latency at the same N", _BE),
     _c("crossover_tokens", _F, "tokens", "N where the variant becomes faster than softmax (interpolated)", _BE),
     _c("crossover_note", _S, "", "why crossover_tokens is null: below range, none in range, baseline", _BE),
