@@ -175,6 +175,12 @@ def test_the_verdict_table_fits_the_terminal_and_keeps_the_verdict(width):
     assert all(len(line) <= width for line in text.splitlines())
     assert "flips: better at 'main', '2x epochs', worse at" in " ".join(text.split())
     assert text.count("at point '") == 3
+    verdicts = text[text.index("does each comparison hold"):]
+    missing = [p for p in ("main", "crop+flip", "2x epochs") if f"Δ {p}" not in verdicts.split("Left out")[0]]
+    if width == 120:
+        assert not missing, "the verdict a clause a line: every point's Δ fits beside it"
+    for point in missing:   # whatever does not fit is named
+        assert f"Δ {point}" in " ".join(verdicts.split("Left out to fit", 1)[1].split()), point
 
 
 def test_markdown_has_a_table_per_point_and_the_verdicts():

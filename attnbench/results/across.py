@@ -143,13 +143,17 @@ def rich_tables(summary: pd.DataFrame) -> list:
     tables = []
     for study, labels, body, taus in _study_rows(summary):
         headers = ["configuration", *(f"Δ {p}" for p in labels), "verdict"]
-        columns = [FittedColumn(f"c{i}", header, [cells[i] for cells in body],
-                                "right" if 0 < i <= len(labels) else "left")
+        # the verdict a clause a line: the Δ of every point then fits beside it
+        cells = [[*row[:-1], row[-1].replace("; ", ";\n")] for row in body]
+        columns = [FittedColumn(header, header, [row[i] for row in cells], "right" if 0 < i <= len(labels) else "left")
                    for i, header in enumerate(headers)]
         tables.append(FittedTable(columns, title=f"study '{study}': does each comparison hold across its points?",
                                   priority=[columns[0].name, columns[-1].name, *(c.name for c in columns[1:-1])],
                                   required=2,
-                                  legend=lambda shown, study=study, taus=taus: legend(summary, study, taus)))
+                                  legend=lambda shown, study=study, taus=taus: legend(summary, study, taus),
+                                  omitted_note=lambda omitted, width: f"Left out to fit {width} columns: "
+                                                                      f"{', '.join(omitted)} (a wider terminal, or "
+                                                                      f"--format markdown, shows them)."))
     return tables
 
 
