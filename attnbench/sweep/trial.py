@@ -93,6 +93,12 @@ def _suggest_one(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
     return trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
 
 
+def train_config_of(ctx: TrialContext, seed: int) -> TrainConfig:
+    """The TrainConfig a seed of this trial trains with: the recipe at the trial's point (tuned,
+    where the study tunes), the seed, the sweep's device."""
+    return TrainConfig(**{**ctx.experiment.train, "seed": seed, "device": ctx.device})
+
+
 def model_kwargs(ctx: TrialContext) -> dict[str, Any]:
     s = ctx.splits
     return dict(num_classes=s.num_classes, in_chans=s.in_chans, img_size=s.img_size, **ctx.experiment.model_kwargs)
@@ -127,7 +133,7 @@ def _speed(ctx: TrialContext, config: VariantConfig, model) -> dict[str, Any]:
     """Latency and memory of the inference form, as switched on under ``measure``, and the kernels that ran."""
     spec = ctx.experiment.measure
     # Measured in the precision the model was trained in (float32 unless train.precision says otherwise).
-    trained_in = ctx.experiment.train.get("precision", precision.DEFAULT_PRECISION)
+    trained_in = train_config_of(ctx, 0).precision
     out: dict[str, Any] = {}
     if spec.latency:
         import torch
@@ -161,7 +167,7 @@ def _row(ctx: TrialContext, trial: optuna.Trial, key: int, config: VariantConfig
     """One (trial, seed) row with its provenance (columns: :mod:`attnbench.results.schema`)."""
     e = ctx.experiment
     s = ctx.splits
-    train_config = TrainConfig(**{**e.train, "seed": seed, "device": ctx.device})
+    train_config = train_config_of(ctx, seed)
     row = {
         "kind": schema.TRIAL, "created_at": datetime.datetime.now(datetime.timezone.utc),
         "study": e.name, "trial": key, "optuna_trial": trial.number, "seed": seed, "label": config.label,
@@ -274,7 +280,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
                     conversion = convert.convert_seed(ctx, config, seed, model)
                     result = conversion.result
                 else:
-                    result = fit(model, ctx.splits, TrainConfig(**{**at.train, "seed": seed, "device": ctx.device}),
+                    result = fit(model, ctx.splits, train_config_of(ctx, seed),
                                  callback=report, progress=False)
             except optuna.TrialPruned:
                 rows.append(_row(ctx, trial, key, config, seed, costs, None, "pruned", None,
