@@ -76,3 +76,18 @@ def test_rows_that_cannot_repeat_are_refused_in_one_line(study, tmp_path):
     out = CliRunner().invoke(main, ["rerun", str(study), "--trial", "99", "--seed", "1"])
     lines = out.output.strip().splitlines()
     assert out.exit_code == 2 and len(lines) == 1 and "no row of trial 99, seed 1" in lines[0], out.output
+
+
+def test_attnbench_train_with_the_rows_data_seed_gives_the_rows_top1(study, tmp_path):
+    """A sweep keeps one split for every seed; --data-seed gives train that split."""
+    import json
+
+    row = store.read_rows(study, kind="trial").set_index("label").loc["softmax"]
+    out = tmp_path / "run.json"
+    result = CliRunner().invoke(main, ["train", "softmax", "--seed", "1", "--data-seed", "3", "--model-option",
+                                       "depth=2", "--epochs", "2", "--batch-size", "64", "--lr", "0.003",
+                                       "--num-threads", "1", "--eval-batch-size", "1024", "--augment",
+                                       "{crop_padding: 1}", "--no-progress", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    run, = json.loads(out.read_text())
+    assert run["test_top1_castled"] == row["top1"]

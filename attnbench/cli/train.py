@@ -59,13 +59,17 @@ def _given(values: dict) -> dict:
               help="Also write every result, with its history, to this JSON file.")
 @click.option("--save", "save_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the evaluated checkpoint's weights (one RUN) to this .safetensors or .pt file.")
+@click.option("--data-seed", type=int, default=None,
+              help="Seed of the train/validation/test split [default: --seed]; a sweep keeps one split (data.seed) "
+                   "for every seed: give its value to train one of its rows again.")
 def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, model_items: tuple, progress: bool,
-                  json_file, save_path, **config_values) -> None:
+                  json_file, save_path, data_seed, **config_values) -> None:
     """Train each RUN with the same data, model and budget; report test top-1 before and after castling.
 
     RUN is a variant name with optional options, VARIANT[:KEY=VALUE,...], e.g.
     castling:mask_schedule=gate_linear,schedule_end=0.5 [default: softmax]. The other options are
-    TrainConfig's; --seed also seeds the data split and the model's initial weights.
+    TrainConfig's; --seed seeds the model's initial weights and the training, and the data split
+    unless --data-seed gives its own.
     """
     from rich.text import Text
 
@@ -106,7 +110,8 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
     data_options = parse_key_values(data_items, "--data-option")
     model_options = parse_key_values(model_items, "--model-option")
     try:
-        splits = load_dataset(dataset, root=root, seed=config.seed, **data_options)
+        splits = load_dataset(dataset, root=root, seed=config.seed if data_seed is None else data_seed,
+                              **data_options)
     except DataError as err:
         fail(str(err))
     arch = arch or default_arch(splits)
