@@ -399,10 +399,10 @@ def learning_curves_plot(trials: pd.DataFrame, summary: pd.DataFrame, path: Path
         ax.grid(True, alpha=0.3)
     point = next((p for p in summary.get("point", []) if isinstance(p, str)), None)
     fig.suptitle(f"learning curves: study '{printable(str(summary['study'].iloc[0]))}'"
-                 + (f" at point '{printable(point)}'" if point else "")
-                 + (f"   ({IMPROVING_MARK} k/n: still improving at the last epoch on k of n seeds)"
-                    if any(c["improving"] for c in found) else ""), fontsize=10)
-    fig.legend(loc="outside right upper", fontsize=8)
+                 + (f" at point '{printable(point)}'" if point else ""), fontsize=10)
+    fig.legend(loc="outside right upper", fontsize=8, title_fontsize=8,
+               title=f"{IMPROVING_MARK} k/n: still improving at\nthe last epoch on k of n seeds"
+               if any(c["improving"] for c in found) else None)
     return _save(fig, path)
 
 
