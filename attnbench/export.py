@@ -54,8 +54,8 @@ def onnx_available() -> Optional[str]:
     for module in ("onnx", "onnxscript", "onnxruntime"):
         try:
             __import__(module)
-        except ImportError:
-            missing.append(module)
+        except Exception as err:  # noqa: BLE001 - absent, or present but broken (a binary built for other libraries)
+            missing.append(module if isinstance(err, ImportError) else f"{module} (fails to import: {_first_line(err)})")
     return None if not missing else (f"the ONNX export needs {', '.join(missing)}: pip install "
                                      f"'attnbench[onnx]'")
 
