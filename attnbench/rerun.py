@@ -87,8 +87,7 @@ def rerun(row: Mapping[str, Any], device: Optional[str] = None, progress: bool =
                                seed=int(row["data_seed"]), **options)
     model_kwargs = _json(row, "model_kwargs") if _present(row.get("model_kwargs")) else {}
     model = models.create_model(row["arch"], row["variant"], _json(row, "options"), seed=int(row["seed"]),
-                                num_classes=splits.num_classes, in_chans=splits.in_chans, img_size=splits.img_size,
-                                **model_kwargs)
+                                **splits.model_kwargs(), **model_kwargs)
     if _present(row.get("init_checkpoint")):
         models.load_checkpoint(model, row["init_checkpoint"])
     train_config = TrainConfig(**config)

@@ -566,6 +566,15 @@ def _log_diagnostics(log: list, model: nn.Module, step: int, epoch: int, progres
                         **{k: float(v) for k, v in values.items()}})
 
 
+def _castle_and_validate(model, best, val_ds, evaluate_kw, result: TrainResult) -> bool:
+    """Castle the kept checkpoint and set its validation top-1; whether castling changed anything
+    (where it did not, the same weights, structure and state give the same predictions: the
+    training form's figures stand, without a second pass)."""
+    changed = models.castle_changes(model)
+    result.val_top1_castled = evaluate(model, val_ds, **evaluate_kw)["top1"] if changed else best["val_top1"]
+    return changed
+
+
 def _evaluate_checkpoint(model, best, test_ds, val_ds, evaluate_kw, result: TrainResult) -> None:
     """Test the kept checkpoint in the training form, then castle it and test again (unless
     castling changed nothing: then the inference form's figures are the training form's).
@@ -574,9 +583,8 @@ def _evaluate_checkpoint(model, best, test_ds, val_ds, evaluate_kw, result: Trai
     models.set_progress(model, best["progress"])
     result.best_epoch, result.best_step, result.best_progress = best["epoch"], best["step"], best["progress"]
     result.val_top1 = best["val_top1"]
-    if test_ds is None:
-        changes = models.castle_changes(model)
-        result.val_top1_castled = evaluate(model, val_ds, **evaluate_kw)["top1"] if changes else best["val_top1"]
+    if test_ds is None:   # tuning: the inference form on the validation split only
+        _castle_and_validate(model, best, val_ds, evaluate_kw, result)
         return
     before = evaluate(model, test_ds, **evaluate_kw)
     result.test_top1, result.test_loss = before["top1"], before["loss"]
@@ -584,11 +592,8 @@ def _evaluate_checkpoint(model, best, test_ds, val_ds, evaluate_kw, result: Trai
     for key in ("mask_density", "branch_ratio"):
         values = [d[key] for d in before["diagnostics"].values() if key in d]
         setattr(result, key, sum(values) / len(values) if values else math.nan)
-    if models.castle_changes(model):
-        after = evaluate(model, test_ds, **evaluate_kw)
-        result.val_top1_castled = evaluate(model, val_ds, **evaluate_kw)["top1"]
-    else:   # the same weights, structure and state: the same predictions, without a second pass
-        after, result.val_top1_castled = before, best["val_top1"]
+    changed = _castle_and_validate(model, best, val_ds, evaluate_kw, result)
+    after = evaluate(model, test_ds, **evaluate_kw) if changed else before
     result.test_top1_castled = after["top1"]
     result.switch_cost = result.test_top1 - result.test_top1_castled
     n = before["pred"].numel()

@@ -203,8 +203,9 @@ def test_bench_table_fits_80_columns():
     prose = " ".join(text.split())
     left_out = prose.split("Left out to fit 80 columns: ", 1)[1].split(" (")[0]
     assert left_out and "vs softmax: softmax's ms" in prose
-    assert "x floor" not in left_out and all("1.25x" in line for line in lines if line.split()[:1] in
-                                             (["softmax"], ["linear-angular"], ["castling"]))
+    assert "x floor" not in left_out
+    rows = [line for line in lines if line.split()[:1] in (["softmax"], ["linear-angular"], ["castling"])]
+    assert len(rows) == len(result.rows) and all("1.25x" in line for line in rows), rows
 
 
 # ------------------------------------------------------------------------------------ plots

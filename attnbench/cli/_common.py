@@ -76,3 +76,21 @@ def parse_run(spec: str) -> tuple[str, dict]:
     if colon < 0:
         fail(f"run '{spec}': expected VARIANT or VARIANT:KEY=VALUE,...")
     return spec[:colon].strip(), parse_key_values(filter(None, spec[colon + 1:].split(",")), f"run '{spec}'")
+
+
+def build_model(arch: str, variant: str, options: dict, seed: int, splits, model_options: dict,
+                data_options: dict):
+    """A model of ``variant`` for ``splits`` built as the command line asks, or one line and exit 2:
+    a bad model option, or an image that is not a whole number of patches."""
+    from attnbench import models
+    from attnbench.experiment_check import patch_problem
+
+    try:
+        model = models.create_model(arch, variant, options, seed=seed, **splits.model_kwargs(), **model_options)
+    except models.ModelError as err:
+        fail(str(err))
+    except TypeError as err:   # timm's constructor refused a keyword
+        fail(f"--model-option: {err}")
+    if problem := patch_problem(model, arch, splits.img_size):
+        fail(f"--data-option img_size: {problem}" if "img_size" in data_options else f"--arch: {problem}")
+    return model

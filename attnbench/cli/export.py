@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from attnbench.cli._common import _variant_or_fail, console, fail, parse_key_values, parse_run
+from attnbench.cli._common import _variant_or_fail, build_model, console, fail, parse_key_values, parse_run
 
 
 @click.command("export")
@@ -42,7 +42,6 @@ def export_command(run: str, stem: Path, checkpoint, formats: str, dataset: str,
 
     from attnbench import export, models
     from attnbench.data import DataError, load_dataset
-    from attnbench.experiment_check import patch_problem
     from attnbench.paths import file_problem
     from attnbench.train import default_arch
     from attnbench.variant import parse_options
@@ -69,15 +68,7 @@ def export_command(run: str, stem: Path, checkpoint, formats: str, dataset: str,
     except DataError as err:
         fail(str(err))
     arch = arch or default_arch(splits)
-    try:
-        model = models.create_model(arch, name, options, seed=seed, num_classes=splits.num_classes,
-                                    in_chans=splits.in_chans, img_size=splits.img_size, **model_options)
-    except models.ModelError as err:
-        fail(str(err))
-    except TypeError as err:   # timm's constructor refused a keyword
-        fail(f"--model-option: {err}")
-    if problem := patch_problem(model, arch, splits.img_size):
-        fail(f"--arch: {problem}")
+    model = build_model(arch, name, options, seed, splits, model_options, data_options)
     if checkpoint is not None:
         try:
             loaded = models.load_checkpoint(model, checkpoint)

@@ -257,8 +257,7 @@ def _print_plan_at(checked, point) -> str:
         from attnbench.convert.check import plan_lines
 
         splits = checked.data({})
-        kwargs = dict(num_classes=splits.num_classes, in_chans=splits.in_chans, img_size=splits.img_size,
-                      **experiment.model_kwargs)
+        kwargs = {**splits.model_kwargs(), **experiment.model_kwargs}
         for line in plan_lines(experiment, arch, kwargs, [config for config, _ in rows]):
             console.print(escape(line), highlight=False, soft_wrap=True)
     return arch

@@ -14,7 +14,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from attnbench.cli._common import _variant_or_fail, console, err_console, fail, parse_key_values, parse_run
+from attnbench.cli._common import (_variant_or_fail, build_model, console, err_console, fail, parse_key_values,
+                                   parse_run)
 from attnbench.cli.dataclass_options import _dataclass_options
 from attnbench.terminal import IMPROVING_MARK
 
@@ -73,14 +74,12 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
     """
     from rich.text import Text
 
-    from attnbench import models
     from attnbench.data import DataError, load_dataset
     from attnbench.train import TrainConfig, default_arch, fit, resolve_device
     from attnbench.variant import parse_options
 
     from attnbench import checkpoints
 
-    from attnbench.experiment_check import patch_problem
     from attnbench.paths import file_problem
 
     if json_file is not None and (problem := file_problem(json_file, "for --json")):
@@ -117,16 +116,7 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
     arch = arch or default_arch(splits)
 
     def build(name: str, options: dict):
-        try:
-            model = models.create_model(arch, name, options, seed=config.seed, num_classes=splits.num_classes,
-                                        in_chans=splits.in_chans, img_size=splits.img_size, **model_options)
-        except models.ModelError as err:
-            fail(str(err))
-        except TypeError as err:   # timm's constructor refused a keyword
-            fail(f"--model-option: {err}")
-        if problem := patch_problem(model, arch, splits.img_size):
-            fail(f"--data-option img_size: {problem}" if "img_size" in data_options else f"--arch: {problem}")
-        return model
+        return build_model(arch, name, options, config.seed, splits, model_options, data_options)
 
     build(*parsed[0])   # the model settings are checked before anything trains (every run shares them)
     console.print(f"data {splits.summary()}\nmodel {arch} {model_options}\nconfig {dataclasses.asdict(config)}",

@@ -99,6 +99,10 @@ class DataSplits:
     options: dict[str, Any]
     flips_preserve_labels: bool = False
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """The model keywords these images decide (``create_model(..., **splits.model_kwargs())``)."""
+        return {"num_classes": self.num_classes, "in_chans": self.in_chans, "img_size": self.img_size}
+
     def summary(self) -> dict[str, Any]:
         """Flat provenance fields (for a result row)."""
         return {"dataset": self.name, "data_seed": self.seed, "num_classes": self.num_classes,

@@ -101,7 +101,7 @@ def train_config_of(ctx: TrialContext, seed: int) -> TrainConfig:
 
 def model_kwargs(ctx: TrialContext) -> dict[str, Any]:
     s = ctx.splits
-    return dict(num_classes=s.num_classes, in_chans=s.in_chans, img_size=s.img_size, **ctx.experiment.model_kwargs)
+    return {**s.model_kwargs(), **ctx.experiment.model_kwargs}
 
 
 def _build(ctx: TrialContext, config: VariantConfig, seed: int):
@@ -262,7 +262,6 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
         costs = _costs(ctx, config)
         if e.max_macs is not None and costs["macs"] > e.max_macs:
             raise TrialFailed(f"{costs['macs']:,} MACs exceed constraints.max_macs {e.max_macs:,}")
-        tuned = None
         if at.tune is not None:   # the same number of validation-only trainings for every configuration
             tuned = tuning.tune_recipe(at.tune, at.train, functools.partial(_build_from, ctx, config), ctx.splits,
                                        ctx.device, name=f"{config.label}@{ctx.point}")
