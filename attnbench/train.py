@@ -22,7 +22,6 @@ import dataclasses
 import math
 import os
 import time
-import typing
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -36,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from attnbench import models, precision as precisions
 from attnbench.data import DataSplits
 from attnbench.data.augment import Augmentation, BatchAugmenter
+from attnbench.fields import field_kinds
 from attnbench.precision_names import Precision
 
 __all__ = ["CURVES", "TrainConfig", "TrainResult", "TrainingDiverged", "fit", "evaluate", "resolve_device",
@@ -49,9 +49,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message says where."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a training run (stored with every result).
+    """Everything that decides a training run (stored with every result); frozen: a changed
+    recipe is a new one (``dataclasses.replace``).
 
     Attributes:
         epochs: passes over the training split (the schedule spans them, or ``max_steps``).
@@ -111,7 +112,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if isinstance(self.augment, dict):
-            self.augment = Augmentation(**self.augment)
+            object.__setattr__(self, "augment", Augmentation(**self.augment))
         _check_types(self)
         finite = lambda value: value is None or math.isfinite(value)  # noqa: E731
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -148,26 +149,12 @@ class TrainConfig:
 
 def _check_types(config: "TrainConfig") -> None:
     """Each number field holds a number of its type (an int field a whole number: ``epochs: 1.5``
-    would run one epoch and store 1.5), each text field text; ``None`` only where it may."""
-    hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        hint, value = hints[field.name], getattr(config, field.name)
-        optional = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
-        kind = next((a for a in typing.get_args(hint) if a is not type(None)), None) if optional else hint
-        if value is None and optional:
-            continue
-        if kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif kind is str:
-            ok = isinstance(value, str)
-        else:
-            continue
-        if not ok:
-            expected = {int: "an integer", float: "a number", str: "text"}[kind]
-            raise ValueError(f"TrainConfig: {field.name} must be {expected}{' or none' if optional else ''}, "
-                             f"got {value!r}"[:200])
+    would run one epoch and store 1.5), each text field text; ``None`` only where it may. Choices
+    and the augmentation have their own checks."""
+    for name, kind in field_kinds(TrainConfig).items():
+        value = getattr(config, name)
+        if kind.kind in ("int", "float", "str") and not kind.accepts(value):
+            raise ValueError(f"TrainConfig: {name} must be {kind.expected()}, got {value!r}"[:200])
 
 
 @dataclasses.dataclass

@@ -14,11 +14,12 @@ import numbers
 import operator
 import typing
 import weakref
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
+from attnbench.fields import FieldKind, kind_of_hint
 from attnbench.suggest import did_you_mean
 
 __all__ = [
@@ -120,15 +121,12 @@ class OptionSpec:
         return all(compare[key](value, bound) for key, bound in self.limits)
 
 
-_KINDS = {bool: "bool", int: "int", float: "float", str: "str"}
-
-
-def _field_kind(hint) -> tuple[str, tuple]:
-    if typing.get_origin(hint) is Literal:
-        return "choice", typing.get_args(hint)
-    if hint in _KINDS:
-        return _KINDS[hint], ()
-    raise TypeError(f"option type {hint!r} is not supported (bool, int, float, str or Literal)")
+def _option_kind(variant: type, name: str, hint) -> FieldKind:
+    kind = kind_of_hint(hint)
+    if kind.kind == "any" or kind.optional:
+        raise TypeError(f"variant '{variant.__name__}': option '{name}' has type {hint!r}, which is not supported "
+                        f"(bool, int, float, str or Literal)")
+    return kind
 
 
 def option_specs(cls: type["AttentionVariant"]) -> list[OptionSpec]:
@@ -136,10 +134,10 @@ def option_specs(cls: type["AttentionVariant"]) -> list[OptionSpec]:
     hints = typing.get_type_hints(cls.Options)
     specs = []
     for field in dataclasses.fields(cls.Options):
-        kind, choices = _field_kind(hints[field.name])
+        kind = _option_kind(cls, field.name, hints[field.name])
         default = cls._bound_options.get(field.name, field.default)
-        limits = _field_limits(field, kind)
-        specs.append(OptionSpec(field.name, kind, default, choices, field.metadata.get("help", ""), limits))
+        limits = _field_limits(field, kind.kind)
+        specs.append(OptionSpec(field.name, kind.kind, default, kind.choices, field.metadata.get("help", ""), limits))
     return specs
 
 
@@ -159,23 +157,10 @@ def _field_limits(field: dataclasses.Field, kind: str) -> tuple:
 
 
 def _check_value(variant: str, spec: OptionSpec, value: Any) -> Any:
-    expected = {
-        "bool": "a boolean",
-        "int": "an integer",
-        "float": "a number",
-        "str": "a string",
-        "choice": "one of " + ", ".join(repr(c) for c in spec.choices),
-    }[spec.kind] + (f" {spec.allowed()}" if spec.limits else "")
-    ok = {
-        "bool": isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-        "choice": value in spec.choices,
-    }[spec.kind]
-    if ok and spec.limits:
-        ok = spec.within_limits(value)
+    kind = FieldKind(spec.kind, choices=spec.choices)
+    ok = kind.accepts(value) and (not spec.limits or spec.within_limits(value))
     if not ok:
+        expected = kind.expected() + (f" {spec.allowed()}" if spec.limits else "")
         hint = did_you_mean(value, spec.choices) if spec.kind == "choice" else ""
         raise ValueError(
             f"variant '{variant}': option '{spec.name}' got {value!r}, expected {expected}{hint}"

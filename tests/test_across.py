@@ -47,9 +47,9 @@ def test_points_make_a_grid_of_every_configuration_at_every_point(tmp_path):
         (p, c) for p in ("main", "crop", "longer") for c in ("softmax", "linear-angular")]
     # a point is the whole experiment with its overrides merged in, key by key
     longer = e.at("longer")
-    assert longer.train["max_steps"] == 4 and longer.train["batch_size"] == 32
+    assert longer.train.max_steps == 4 and longer.train.batch_size == 32
     assert longer.data_options["val_fraction"] == 0.5 and e.data_options.get("val_fraction") != 0.5
-    assert e.at("crop").train["augment"]["crop_padding"] == 1 and e.at("main").train == e.train
+    assert e.at("crop").train.augment.crop_padding == 1 and e.at("main").train == e.train
     assert e.points[1].describe() == "train.augment.crop_padding=1"
     # the points decide the study: a resume with another point is another experiment
     other = load_experiment(_file(tmp_path, ACROSS.replace("max_steps: 4", "max_steps: 5"), "acr2"))

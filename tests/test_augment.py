@@ -80,17 +80,17 @@ EXPERIMENT = {"name": "a", "data": {"dataset": "digits"}, "train": {"epochs": 1}
 
 def test_experiment_files_validate_augmentation_up_front():
     e = parse_experiment(EXPERIMENT, "a.yaml")
-    assert e.train["augment"] == dataclasses.asdict(Augmentation()), "the resolved augmentation is always recorded"
+    assert e.train.augment == Augmentation(), "the resolved augmentation is always recorded"
     with pytest.raises(ExperimentError, match=r"^a.yaml: field 'train.augment.hflip': data set 'digits' does not "
                                               r"declare horizontal flips label-preserving"):
         parse_experiment({**EXPERIMENT, "train": {"augment": {"hflip": True}}}, "a.yaml")
     ok = parse_experiment({**EXPERIMENT, "data": {"dataset": "fashion-mnist"},
                            "train": {"augment": {"hflip": True, "crop_padding": 4}}}, "a.yaml")
-    assert ok.train["augment"]["hflip"] and ok.train["augment"]["crop_padding"] == 4
+    assert ok.train.augment.hflip and ok.train.augment.crop_padding == 4
     folder = parse_experiment({**EXPERIMENT, "data": {"dataset": "imagefolder", "root": "x",
                                                       "options": {"flips_preserve_labels": True}},
                                "train": {"augment": {"hflip": True}}}, "a.yaml")
-    assert folder.train["augment"]["hflip"]
+    assert folder.train.augment.hflip
     with pytest.raises(ExperimentError, match="set data.options.flips_preserve_labels: true"):
         parse_experiment({**EXPERIMENT, "data": {"dataset": "imagefolder", "root": "x"},
                           "train": {"augment": {"hflip": True}}}, "a.yaml")

@@ -73,7 +73,7 @@ def test_softmax_into_softmax_is_exactly_the_teacher_zero_shot_and_transfer_chan
     splits, teacher = trained
     student = _model("softmax", seed=5)   # other initial weights: all replaced by the teacher's
     spec = ConvertSpec(transfer_steps=6, finetune_steps=0, eval_every=3)
-    outcome = convert_student(teacher, student, splits, spec, TRAIN, seed=0, device="cpu")
+    outcome = convert_student(teacher, student, splits, spec, TrainConfig(**TRAIN), seed=0, device="cpu")
     c = outcome.columns
     assert c["top1_zero_shot"] == teacher.test_top1 and c["recovery_val_top1"][0] == teacher.val_top1
     assert c["attention_mse_zero_shot"] == 0.0 and c["attention_mse_after_transfer"] == 0.0

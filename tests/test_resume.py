@@ -65,6 +65,33 @@ def test_a_changed_training_setting_is_refused_up_front(tmp_path, finished):
     _one_line_exit_2(_sweep(finished, tmp_path, "--workers", "2"), "train.max_steps: 2 -> 3")
 
 
+def test_a_study_that_recorded_only_the_given_training_fields_resumes_and_still_refuses_a_change(tmp_path, finished):
+    """Studies started before the experiment held a whole TrainConfig recorded only the ``train``
+    fields their file gave (and the resolved augmentation): the same file resumes them, a changed
+    field is still named."""
+    import dataclasses
+
+    import optuna
+
+    from attnbench.experiment import load_experiment
+    from attnbench.sweep.resume import SPEC_ATTR
+    from attnbench.train import TrainConfig
+
+    experiment = load_experiment(finished)
+    given = {k for k, v in dataclasses.asdict(experiment.train).items()
+             if k == "augment" or v != dataclasses.asdict(TrainConfig())[k]}
+    old = experiment.decisive()
+    old["train"] = {k: v for k, v in old["train"].items() if k in given}
+    assert "max_steps" in old["train"] and "clip_grad" not in old["train"]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'results' / 'tiny' / 'study.db'}")
+    study.set_user_attr(SPEC_ATTR, old)
+    result = _sweep(finished, tmp_path)
+    assert result.exit_code == 0 and "2 trials finished (0 failed), 0 run now" in result.output, result.output
+    study.set_user_attr(SPEC_ATTR, old)
+    finished.write_text(finished.read_text().replace("max_steps: 2", "max_steps: 3"))
+    _one_line_exit_2(_sweep(finished, tmp_path), "train.max_steps: 2 -> 3")
+
+
 def test_an_added_configuration_is_refused_the_same_way_and_a_budget_change_is_not(tmp_path, finished):
     text = finished.read_text()
     finished.write_text(text.replace("  - linear-angular\n", "  - linear-angular\n  - linear\n"))

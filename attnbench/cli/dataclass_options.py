@@ -6,12 +6,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-import types
-import typing
 
 import click
 
 from attnbench.cli._common import _scalar
+from attnbench.fields import FieldKind, field_kinds
 
 
 def _dataclass_field_docs(cls) -> dict[str, str]:
@@ -59,30 +58,31 @@ class _Yaml(click.ParamType):
         return _scalar(value) if isinstance(value, str) else value
 
 
-def _click_type(hint):
-    """The Click type for a dataclass field's type hint, and whether it is an on/off flag."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        inner, is_flag = _click_type(rest[0]) if len(rest) == 1 else (_Yaml(), False)
+_CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
+
+
+def _click_type(kind: FieldKind):
+    """The Click type for a field's kind, and whether it is an on/off flag."""
+    if kind.optional:
+        inner, is_flag = _click_type(dataclasses.replace(kind, optional=False))
         return _NoneOr(click.BOOL if is_flag else inner), False
-    if hint is bool:
+    if kind.kind == "bool":
         return None, True
-    if typing.get_origin(hint) is typing.Literal and all(isinstance(a, str) for a in args):
-        return click.Choice(args), False
-    return {int: click.INT, float: click.FLOAT, str: click.STRING}.get(hint, _Yaml()), False
+    if kind.kind == "choice" and all(isinstance(c, str) for c in kind.choices):
+        return click.Choice(kind.choices), False
+    return _CLICK_TYPES.get(kind.kind, _Yaml()), False
 
 
 def _dataclass_options(cls) -> list[click.Option]:
     """Click options ``--field-name`` for every field of dataclass ``cls``, typed from its hints,
     with help from its docstring: a field added to ``cls`` becomes an option with no edit here.
     """
-    hints = typing.get_type_hints(cls)
+    kinds = field_kinds(cls)
     docs = _dataclass_field_docs(cls)
     options = []
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
-        kind, is_flag = _click_type(hints[field.name])
+        kind, is_flag = _click_type(kinds[field.name])
         default = field.default if field.default is not dataclasses.MISSING else \
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None
         if is_flag:

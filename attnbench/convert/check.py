@@ -63,9 +63,7 @@ def plan_lines(experiment, arch: str, kwargs: dict, configs) -> list[str]:
     if spec.teacher_checkpoint is not None:
         teacher = f"teacher: {spec.teacher_variant} from '{spec.teacher_checkpoint}'"
     else:
-        from attnbench.train import TrainConfig
-
-        recipe = TrainConfig(**spec.teacher_train)
+        recipe = spec.teacher_train
         who = "one a seed" if spec.teacher_per_seed else f"once, seed {experiment.seeds[0]}"
         cap = f" (at most {recipe.max_steps} updates)" if recipe.max_steps else ""
         teacher = (f"teacher: {spec.teacher_variant}, trained {who} ({recipe.epochs} epochs{cap}, batch "

@@ -172,18 +172,15 @@ def transfer(teacher: nn.Module, student: nn.Module, splits, config: TrainConfig
             _restore(student, before)
 
 
-def _stage_config(base: dict, seed: int, device: str, steps: int, lr: Optional[float], n_train: int) -> TrainConfig:
+def _stage_config(base: TrainConfig, seed: int, device: str, steps: int, lr: Optional[float],
+                  n_train: int) -> TrainConfig:
     """The experiment's recipe for a stage of ``steps`` updates (epochs enough to hold them)."""
-    batch = int(base.get("batch_size", TrainConfig.batch_size))
-    epochs = max(1, math.ceil(steps / max(1, math.ceil(n_train / batch))))
-    values = {**base, "seed": seed, "device": device, "epochs": epochs, "max_steps": max(steps, 1),
-              "checkpoint": "last", "time_budget_s": None}
-    if lr is not None:
-        values["lr"] = lr
-    return TrainConfig(**values)
+    epochs = max(1, math.ceil(steps / max(1, math.ceil(n_train / base.batch_size))))
+    return dataclasses.replace(base, seed=seed, device=device, epochs=epochs, max_steps=max(steps, 1),
+                               checkpoint="last", time_budget_s=None, lr=base.lr if lr is None else lr)
 
 
-def convert_student(teacher, student: nn.Module, splits, spec: ConvertSpec, train: dict, seed: int,
+def convert_student(teacher, student: nn.Module, splits, spec: ConvertSpec, train: TrainConfig, seed: int,
                     device: str) -> ConvertOutcome:
     """Convert ``teacher`` (a :class:`attnbench.convert.teacher.Teacher`) into ``student`` (built
     with the configuration's variant and this seed; changed in place: it ends fine-tuned, castled).

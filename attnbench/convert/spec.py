@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from attnbench.train import TrainConfig
 
 __all__ = ["ConvertSpec", "FIELDS", "TEACHER_FIELDS", "FINETUNE", "NEW_PARAMETERS", "parse_convert"]
 
@@ -28,7 +31,7 @@ class ConvertSpec:
 
     Attributes:
         teacher_variant, teacher_options: the teacher's attention (softmax by default).
-        teacher_train: the teacher's TrainConfig fields (the experiment's ``train`` updated by
+        teacher_train: the teacher's TrainConfig (the experiment's ``train`` updated by
             ``teacher.train``); None when it comes from ``teacher_checkpoint``.
         teacher_checkpoint: a local file holding the trained teacher.
         teacher_per_seed: train one teacher a seed (each seed's conversions start from its own);
@@ -44,7 +47,7 @@ class ConvertSpec:
 
     teacher_variant: str = "softmax"
     teacher_options: dict = dataclasses.field(default_factory=dict)
-    teacher_train: Optional[dict] = None
+    teacher_train: Optional[TrainConfig] = None
     teacher_checkpoint: Optional[str] = None
     teacher_per_seed: bool = False
     transfer_steps: int = 0
@@ -60,7 +63,7 @@ class ConvertSpec:
         return self.transfer_steps + self.finetune_steps
 
 
-def parse_convert(r, raw: Any, train: dict, dataset: str, data_options: dict) -> Optional[ConvertSpec]:
+def parse_convert(r, raw: Any, train: TrainConfig, dataset: str, data_options: dict) -> Optional[ConvertSpec]:
     """The ``convert`` block (None when absent); ``r`` is the experiment's reader (errors name
     the file and the field), ``train`` the experiment's parsed ``train``."""
     from attnbench.checkpoints import SUFFIXES
@@ -84,10 +87,7 @@ def parse_convert(r, raw: Any, train: dict, dataset: str, data_options: dict) ->
     if "train" in teacher:
         overrides = r.mapping(teacher["train"], "convert.teacher.train", tuple(teacher["train"] or ()))
         # the teacher's recipe is the experiment's `train`, updated by its own; checked as a `train` block
-        merged = {**{k: v for k, v in train.items() if k != "augment"}, **overrides}
-        if "augment" in overrides or "augment" in train:
-            merged["augment"] = overrides.get("augment", train.get("augment"))
-        teacher_train = _train(_Prefixed(r, "convert.teacher."), merged, dataset, data_options)
+        teacher_train = _train(_Prefixed(r, "convert.teacher."), overrides, dataset, data_options, base=train)
     else:
         checkpoint = r.string(teacher["checkpoint"], "convert.teacher.checkpoint")
         if not checkpoint.endswith(SUFFIXES):

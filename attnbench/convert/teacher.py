@@ -21,7 +21,7 @@ from typing import Any, Optional
 from torch import nn
 
 from attnbench import checkpoints, models
-from attnbench.train import TrainConfig, TrainingDiverged, evaluate, fit, resolve_device, to_device
+from attnbench.train import TrainingDiverged, evaluate, fit, resolve_device, to_device
 
 __all__ = ["Teacher", "TEACHER_DIR", "teacher_seed", "get_teacher"]
 
@@ -56,7 +56,7 @@ def _fingerprint(experiment, arch: str, model_kwargs: dict, seed: int) -> str:
     spec = experiment.convert
     decisive = {"arch": arch, "model_kwargs": model_kwargs, "dataset": experiment.dataset,
                 "data_root": experiment.data_root, "data_options": experiment.data_options,
-                "variant": spec.teacher_variant, "options": spec.teacher_options, "train": spec.teacher_train,
+                "variant": spec.teacher_variant, "options": spec.teacher_options, "train": dataclasses.asdict(spec.teacher_train),
                 "seed": seed}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -128,7 +128,7 @@ def _trained(experiment, results: Path, splits, arch: str, model_kwargs: dict, d
             models.load_state(model, checkpoints.read_state_dict(weights), str(weights))
             return _ready(model, splits, device, relative, seed, figures["train_time_s"], figures)
         model = _build(experiment, arch, model_kwargs, seed)
-        config = TrainConfig(**{**experiment.convert.teacher_train, "seed": seed, "device": device})
+        config = dataclasses.replace(experiment.convert.teacher_train, seed=seed, device=device)
         result = fit(model, splits, config, progress=False)
         if not result.ok:
             raise TrainingDiverged(f"the teacher (seed {seed}): {result.error}")

@@ -37,13 +37,13 @@ import dataclasses
 import json
 import math
 import reprlib
-import typing
 import unicodedata
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import yaml
 
+from attnbench.fields import FieldKind, field_kinds, kind_of_default
 from attnbench.registry import VariantError, get_variant
 from attnbench.results.schema import BASELINE, OBJECTIVES
 from attnbench.suggest import did_you_mean
@@ -52,6 +52,10 @@ from attnbench.experiment.spec import (_MEASURE_MAX, _SHOWN_CHARS, _TRAIN_SET_BY
                                        DATA_PREFIX, MAX_SAMPLER_SEED, MAX_SEED, METRICS, MODEL_FIELDS, POINT_FIELDS,
                                        SAMPLERS, SAVE_CHECKPOINT, TOP_LEVEL_FIELDS, Experiment, ExperimentError,
                                        MeasureSpec, Objective, ParamSpec, Point, VariantConfig)
+
+if TYPE_CHECKING:
+    from attnbench.data.augment import Augmentation
+    from attnbench.train import TrainConfig
 
 __all__ = ["load_experiment", "parse_experiment", "read_yaml", "overrides_field", "point_error"]
 
@@ -116,6 +120,24 @@ class _Reader:
     def boolean(self, value: Any, field: str) -> bool:
         if not isinstance(value, bool):
             self.fail(field, f"expected true or false, got {_show(value)}")
+        return value
+
+    def typed(self, value: Any, field: str, kind: FieldKind, minimum: Optional[int] = None) -> Any:
+        """A value of a typed setting (integers from ``minimum`` up); a choice, or a kind this
+        reader does not know, is taken as a single value for its owner's own check, which names
+        what it allows."""
+        if value is None and kind.optional:
+            return None
+        if kind.kind == "bool":
+            return self.boolean(value, field)
+        if kind.kind == "int":
+            return self.integer(value, field, minimum=minimum)
+        if kind.kind == "float":
+            return self.number(value, field)
+        if kind.kind == "str":
+            return self.string(value, field)
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            self.fail(field, f"expected a single value, got {_show(value)}")
         return value
 
 
@@ -450,91 +472,46 @@ def _data(r: _Reader, raw: Any) -> tuple[str, Optional[str], dict]:
     accepted = {k: v for k, v in data.dataset_options(dataset).items() if k != "seed"}
     options = dict(r.mapping(spec.get("options"), "data.options", tuple(accepted)))
     for key, value in options.items():
-        _data_value(r, _data_option_spec(r, DATA_PREFIX + key, f"data.options.{key}", dataset), value,
-                    f"data.options.{key}")
+        # the type of the option's declared default; its range is the data set's own check
+        r.typed(value, f"data.options.{key}", _data_option_kind(dataset, key))
     options["seed"] = r.integer(spec.get("seed", 0), "data.seed", minimum=0, maximum=MAX_SEED)
     return dataset, root, options
 
 
-def _data_value(r: _Reader, spec: OptionSpec, value: Any, field: str) -> None:
-    """A data set option's value has the type of its declared default (ranges: the data set's own
-    check, when the experiment check opens it)."""
-    if spec.kind == "bool":
-        r.boolean(value, field)
-    elif spec.kind == "int":
-        r.integer(value, field)
-    elif spec.kind == "float":
-        r.number(value, field)
-    elif spec.kind == "str":
-        r.string(value, field)
-    elif value is not None and not isinstance(value, (str, int, float, bool)):
-        r.fail(field, f"expected a single value, got {_show(value)}")
-
-
-def _train(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
+def _train(r: _Reader, raw: Any, dataset: str, data_options: dict, base: Optional[TrainConfig] = None) -> TrainConfig:
+    """The ``train`` block as a TrainConfig: ``base`` (TrainConfig's defaults when None) updated by
+    the fields given. The resolved augmentation is part of it, so every result row says what was
+    (not) applied."""
     from attnbench.train import TrainConfig
 
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    hints = typing.get_type_hints(TrainConfig)
-    spec = r.mapping(raw, "train", (*fields, SAVE_CHECKPOINT))
-    # The resolved augmentation is always stored, so every result row says what was (not) applied.
-    out = {"augment": _augment(r, spec.get("augment"), dataset, data_options)}
+    kinds = field_kinds(TrainConfig)
+    spec = r.mapping(raw, "train", (*kinds, SAVE_CHECKPOINT))
+    values = {}
     for key, value in spec.items():
-        if key in _TRAIN_SET_BY_SWEEP:
-            r.fail(f"train.{key}", f"is set by attnbench: {_TRAIN_SET_BY_SWEEP[key]}; remove it")
-        if key == "augment":
-            continue
-        if key == SAVE_CHECKPOINT:   # reaches here only in a teacher's recipe
-            r.fail(f"train.{key}", "is a study setting; give it in the experiment's own 'train'")
-        kind, optional = _field_kind(hints[key])
         field = f"train.{key}"
-        if value is None and optional:
-            out[key] = None
-        elif kind is bool:
-            out[key] = r.boolean(value, field)
-        elif kind is int:
-            out[key] = r.integer(value, field, minimum=0)
-        elif kind is float:
-            out[key] = r.number(value, field)
-        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            out[key] = value
+        if key in _TRAIN_SET_BY_SWEEP:
+            r.fail(field, f"is set by attnbench: {_TRAIN_SET_BY_SWEEP[key]}; remove it")
+        if key == SAVE_CHECKPOINT:   # reaches here only in a teacher's recipe
+            r.fail(field, "is a study setting; give it in the experiment's own 'train'")
+        if key == "augment":
+            values[key] = _augment(r, value, dataset, data_options)
         else:
-            r.fail(field, f"expected a single value, got {_show(value)}")
+            values[key] = r.typed(value, field, kinds[key], minimum=0)
     try:
-        TrainConfig(**out)
+        return dataclasses.replace(base or TrainConfig(), **values)
     except (TypeError, ValueError) as err:
         message = str(err).removeprefix("TrainConfig: ")
-        named = next((key for key in fields if message.startswith(f"{key} ")), None)
+        named = next((key for key in kinds if message.startswith(f"{key} ")), None)
         r.fail(f"train.{named}" if named in spec else "train", message)
-    return out
 
 
-def _field_kind(hint: Any) -> tuple[Any, bool]:
-    """(the type of a dataclass field, whether it may be None): ``Optional[int]`` -> (int, True)."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else None), True
-    return hint, False
-
-
-def _augment(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
+def _augment(r: _Reader, raw: Any, dataset: str, data_options: dict) -> Augmentation:
     from attnbench import data
     from attnbench.data.augment import Augmentation
 
-    fields = {f.name: f.default for f in dataclasses.fields(Augmentation)}
-    spec = r.mapping(raw, "train.augment", tuple(fields))
-    values = {}
-    for key, value in spec.items():
-        field, default = f"train.augment.{key}", fields[key]
-        if isinstance(default, bool):
-            values[key] = r.boolean(value, field)
-        elif isinstance(default, int):
-            values[key] = r.integer(value, field, minimum=0)
-        elif isinstance(default, float):
-            values[key] = r.number(value, field)
-        else:
-            values[key] = r.string(value, field)
+    kinds = field_kinds(Augmentation)
+    spec = r.mapping(raw, "train.augment", tuple(kinds))
+    values = {key: r.typed(value, f"train.augment.{key}", kinds[key], minimum=0) for key, value in spec.items()}
     try:
         augment = Augmentation(**values)
     except ValueError as err:
@@ -544,7 +521,7 @@ def _augment(r: _Reader, raw: Any, dataset: str, data_options: dict) -> dict:
                    if data.FLIPS_OPTION in data.dataset_options(dataset) else "")
         r.fail("train.augment.hflip", f"data set '{dataset}' does not declare horizontal flips label-preserving "
                                       f"(a mirrored digit is not the same digit); remove hflip{declare}")
-    return dataclasses.asdict(augment)
+    return augment
 
 
 def _seeds(r: _Reader, raw: Any) -> tuple[int, ...]:
@@ -614,9 +591,14 @@ def _data_option_spec(r: _Reader, name: str, field: str, dataset: str) -> Option
     if option not in accepted:
         r.fail(field, f"data set '{dataset}' has no option '{option}'{did_you_mean(option, accepted)} "
                       f"(options: {', '.join(accepted)})")
-    default = data.dataset_options(dataset)[option]
-    kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(default), "any")
-    return OptionSpec(name, kind, default)
+    return OptionSpec(name, _data_option_kind(dataset, option).kind, data.dataset_options(dataset)[option])
+
+
+def _data_option_kind(dataset: str, option: str) -> FieldKind:
+    """A data set option is typed by its loader's default (None: any single value)."""
+    from attnbench import data
+
+    return kind_of_default(data.dataset_options(dataset)[option])
 
 
 def _search(r: _Reader, raw: Any, configs: tuple[VariantConfig, ...], dataset: str,
@@ -641,7 +623,7 @@ def _search(r: _Reader, raw: Any, configs: tuple[VariantConfig, ...], dataset: s
             spec = _data_option_spec(r, name, field, dataset)
             param = _param(r, name, value, spec, field)
             for end in param.ends():
-                _data_value(r, spec, end, field)
+                r.typed(end, field, _data_option_kind(dataset, name[len(DATA_PREFIX):]))
             params.append(param)
             continue
         spec = None

@@ -8,9 +8,12 @@ import hashlib
 import itertools
 import json
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from attnbench.results.schema import OBJECTIVES
+
+if TYPE_CHECKING:
+    from attnbench.train import TrainConfig
 
 __all__ = ["Experiment", "ExperimentError", "ParamSpec", "VariantConfig", "Objective", "MeasureSpec", "Point",
            "METRICS", "SAMPLERS", "TOP_LEVEL_FIELDS", "CONFIG_FIELDS", "MODEL_FIELDS", "POINT_FIELDS", "CONFIG_PARAM",
@@ -160,7 +163,7 @@ class Experiment:
     dataset: str
     data_root: Optional[str]
     data_options: dict[str, Any]   # the data set's options, and ``seed`` of the split
-    train: dict[str, Any]
+    train: TrainConfig             # the recipe; the sweep sets each training's seed and device
     seeds: tuple[int, ...]
     configs: tuple[VariantConfig, ...]
     search: tuple[ParamSpec, ...]

@@ -72,6 +72,7 @@ def check_resume(study: optuna.Study, experiment: Experiment, results: Path, sto
                                 f"{_START_NEW}")
         study.set_user_attr(SPEC_ATTR, new)
         return
+    old = _recipes_resolved(old)
     changes = describe_changes(old, new)
     if not changes:
         return
@@ -86,6 +87,23 @@ def check_resume(study: optuna.Study, experiment: Experiment, results: Path, sto
 
 _START_NEW = (", or start a new study for it (set another 'name', or --results elsewhere); 'budget' and "
               "'description' may change")
+
+
+def _recipes_resolved(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with each recipe (``train``, the teacher's) whole: a study started before the
+    experiment held a TrainConfig recorded only the fields its file gave, which are the same
+    training as those fields over TrainConfig's defaults (how a spec records them now)."""
+    from attnbench.train import TrainConfig
+
+    defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig()), default=str))
+
+    def whole(recipe):
+        return {**defaults, **recipe} if isinstance(recipe, dict) else recipe
+
+    out = {**spec, "train": whole(spec.get("train"))}
+    if isinstance(spec.get("convert"), dict):
+        out["convert"] = {**spec["convert"], "teacher_train": whole(spec["convert"].get("teacher_train"))}
+    return out
 
 
 def _refuse(experiment: Experiment, message: str) -> None:

@@ -96,7 +96,7 @@ def _suggest_one(trial: optuna.Trial, name: str, p: ParamSpec) -> Any:
 def train_config_of(ctx: TrialContext, seed: int) -> TrainConfig:
     """The TrainConfig a seed of this trial trains with: the recipe at the trial's point (tuned,
     where the study tunes), the seed, the sweep's device."""
-    return TrainConfig(**{**ctx.experiment.train, "seed": seed, "device": ctx.device})
+    return dataclasses.replace(ctx.experiment.train, seed=seed, device=ctx.device)
 
 
 def model_kwargs(ctx: TrialContext) -> dict[str, Any]:
@@ -265,7 +265,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
         if at.tune is not None:   # the same number of validation-only trainings for every configuration
             tuned = tuning.tune_recipe(at.tune, at.train, functools.partial(_build_from, ctx, config), ctx.splits,
                                        ctx.device, name=f"{config.label}@{ctx.point}")
-            ctx = dataclasses.replace(ctx, experiment=dataclasses.replace(at, train={**at.train, **tuned.values}),
+            ctx = dataclasses.replace(ctx, experiment=dataclasses.replace(at, train=dataclasses.replace(at.train, **tuned.values)),
                                       tuned=_tuned_columns(at.tune, tuned))
             at = ctx.experiment
         results, last_model = [], None

@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from attnbench.train import TrainConfig
 
 __all__ = ["Tuned", "tune_recipe"]
 
@@ -24,7 +27,7 @@ class Tuned:
     trials: list[dict[str, Any]]
 
 
-def tune_recipe(spec, train: dict[str, Any], build: Callable[[int], Any], splits, device: str, name: str) -> Tuned:
+def tune_recipe(spec, train: TrainConfig, build: Callable[[int], Any], splits, device: str, name: str) -> Tuned:
     """Search ``spec.ranges`` for the configuration ``build`` makes (called with the seed).
 
     Args:
@@ -38,7 +41,7 @@ def tune_recipe(spec, train: dict[str, Any], build: Callable[[int], Any], splits
     """
     import optuna
 
-    from attnbench.train import TrainConfig, fit
+    from attnbench.train import fit
 
     sampler_seed = (zlib.crc32(name.encode()) ^ spec.seed) % 2**32
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
@@ -47,7 +50,7 @@ def tune_recipe(spec, train: dict[str, Any], build: Callable[[int], Any], splits
     for _ in range(spec.trials):
         trial = study.ask()
         values = {field: trial.suggest_float(field, r.low, r.high, log=r.log) for field, r in spec.ranges.items()}
-        config = TrainConfig(**{**train, **values, "seed": spec.seed, "device": device})
+        config = dataclasses.replace(train, **values, seed=spec.seed, device=device)
         result = fit(build(spec.seed).to(device), splits, config, progress=False, test=False)
         score = result.val_top1_castled if result.ok else math.nan
         trials.append({**values, "val_top1": score, "status": result.status})

@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from attnbench.train import TrainConfig
 
 __all__ = ["FIELDS", "RANGE_FIELDS", "Range", "TuneSpec", "parse_tune", "TUNED"]
 
@@ -45,7 +48,7 @@ class TuneSpec:
     seed: int
 
 
-def parse_tune(r, raw: Any, train: dict, seeds: tuple[int, ...]) -> Optional[TuneSpec]:
+def parse_tune(r, raw: Any, train: TrainConfig, seeds: tuple[int, ...]) -> Optional[TuneSpec]:
     """The ``tune`` block (None when absent); ``r`` is the experiment's reader, ``train`` the
     experiment's parsed ``train``."""
     from attnbench.experiment import MAX_SEED
@@ -56,7 +59,7 @@ def parse_tune(r, raw: Any, train: dict, seeds: tuple[int, ...]) -> Optional[Tun
     if "trials" not in spec:
         r.fail("tune.trials", "missing; expected the number of tuning trainings per configuration (e.g. 8)")
     trials = r.integer(spec["trials"], "tune.trials", minimum=2, maximum=_MAX_TRIALS)
-    lr = float(train.get("lr", 2e-3))
+    lr = train.lr
     ranges = {"lr": _range(r, spec.get("lr"), "tune.lr", Range(lr / _LR_SPAN, lr * _LR_SPAN))}
     if "weight_decay" in spec:
         ranges["weight_decay"] = _range(r, spec["weight_decay"], "tune.weight_decay", None)
