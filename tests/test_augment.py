@@ -1,7 +1,6 @@
 """Batch augmentation: off by default, each option doing what it says, flips refused where labels change."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 
