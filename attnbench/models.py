@@ -123,7 +123,7 @@ def seeded(seed: Optional[int]):
         yield
 
 
-def create_model(arch: str, variant: Union[str, type[AttentionVariant]] = "softmax",
+def create_model(arch: str, variant: Union[str, type[AttentionVariant]] = registry.DEFAULT_VARIANT,
                  variant_options: Optional[dict[str, Any]] = None, *, seed: Optional[int] = None,
                  checkpoint_path: Optional[Union[str, os.PathLike]] = None, **model_kwargs) -> nn.Module:
     """A timm ViT/DeiT-family model with ``variant`` in every attention slot.

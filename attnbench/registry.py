@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "DEFAULT_VARIANT",
     "BUILTIN_DISTRIBUTION",
     "VariantError",
     "VariantInfo",
@@ -38,6 +39,8 @@ __all__ = [
 ENTRY_POINT_GROUP = "attnbench.variants"
 BUILTIN_DISTRIBUTION = "attnbench"
 LOCAL_DISTRIBUTION = "in-process"   # the distribution of a variant added by register_variant
+#: The attention a model gets when none is named (timm's own softmax), and a conversion's teacher.
+DEFAULT_VARIANT = "softmax"
 
 
 class VariantError(ValueError):

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import click
 
+from attnbench import registry
 from attnbench.cli._common import _variant_or_fail, build_model, console, fail, parse_key_values, parse_run
 
 
 @click.command("export")
-@click.argument("run", default="softmax")
+@click.argument("run", default=registry.DEFAULT_VARIANT)
 @click.option("--out", "stem", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write: OUT.pt2 and OUT.onnx.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -14,6 +14,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from attnbench import registry
 from attnbench.cli._common import (_variant_or_fail, build_model, console, err_console, fail, parse_key_values,
                                    parse_run)
 from attnbench.cli.dataclass_options import _dataclass_options
@@ -84,7 +85,7 @@ def train_command(runs: tuple, dataset: str, root, data_items: tuple, arch, mode
 
     if json_file is not None and (problem := file_problem(json_file, "for --json")):
         fail(f"--json: {problem}")   # before training: a result is never lost to a bad path
-    specs = runs or ("softmax",)
+    specs = runs or (registry.DEFAULT_VARIANT,)
     if save_path is not None:
         if len(specs) > 1:
             fail(f"--save: one file holds one model; give one RUN, not {len(specs)}")

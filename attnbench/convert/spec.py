@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Optional
 
+from attnbench.registry import DEFAULT_VARIANT
+
 if TYPE_CHECKING:
     from attnbench.train import TrainConfig
 
@@ -45,7 +47,7 @@ class ConvertSpec:
             zero: the term they add starts absent) or ``init`` (the variant's own initialisation).
     """
 
-    teacher_variant: str = "softmax"
+    teacher_variant: str = DEFAULT_VARIANT
     teacher_options: dict = dataclasses.field(default_factory=dict)
     teacher_train: Optional[TrainConfig] = None
     teacher_checkpoint: Optional[str] = None
@@ -79,7 +81,7 @@ def parse_convert(r, raw: Any, train: TrainConfig, dataset: str, data_options: d
     if ("train" in teacher) == ("checkpoint" in teacher):
         r.fail("convert.teacher", "give either 'train' (the teacher is trained here) or 'checkpoint' (a trained "
                                   "teacher's file), not both or neither")
-    variant = _variant_name(r, teacher.get("variant", "softmax"), "convert.teacher.variant")
+    variant = _variant_name(r, teacher.get("variant", DEFAULT_VARIANT), "convert.teacher.variant")
     options = dict(r.mapping(teacher.get("options"), "convert.teacher.options",
                              tuple(teacher.get("options") or ())))
     _check_options(r, variant, options, "convert.teacher.options")
