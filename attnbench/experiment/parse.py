@@ -591,7 +591,8 @@ def _data_option_spec(r: _Reader, name: str, field: str, dataset: str) -> Option
     if option not in accepted:
         r.fail(field, f"data set '{dataset}' has no option '{option}'{did_you_mean(option, accepted)} "
                       f"(options: {', '.join(accepted)})")
-    return OptionSpec(name, _data_option_kind(dataset, option).kind, data.dataset_options(dataset)[option])
+    default = data.dataset_options(dataset)[option]
+    return OptionSpec(name, kind_of_default(default).kind, default)
 
 
 def _data_option_kind(dataset: str, option: str) -> FieldKind:
@@ -623,7 +624,7 @@ def _search(r: _Reader, raw: Any, configs: tuple[VariantConfig, ...], dataset: s
             spec = _data_option_spec(r, name, field, dataset)
             param = _param(r, name, value, spec, field)
             for end in param.ends():
-                r.typed(end, field, _data_option_kind(dataset, name[len(DATA_PREFIX):]))
+                r.typed(end, field, kind_of_default(spec.default))
             params.append(param)
             continue
         spec = None
