@@ -227,15 +227,20 @@ def floor_callable(layer: nn.Module, batch: int, tokens: int, dtype: str, device
     if shapes is None:
         return None
     generator = torch.Generator(device=device).manual_seed(2)
-    operands = [(torch.randn(a, device=device, generator=generator), torch.randn(b, device=device,
-                                                                                  generator=generator))
+    # The core's operands and proj's input in the timed precision already, as the layer has them
+    # (out of qkv): under autocast, float32 ones would add casts the layer never pays. qkv gets
+    # the layer's own input, cast as the layer's is.
+    operand_dtype = precision.torch_dtype(dtype)
+    operands = [(torch.randn(a, device=device, generator=generator).to(operand_dtype),
+                 torch.randn(b, device=device, generator=generator).to(operand_dtype))
                 for a, b in shapes]
     qkv, proj = layer.qkv, layer.proj
+    merged = torch.randn(batch, tokens, proj.in_features, device=device, generator=generator).to(operand_dtype)
 
     def floor(x: torch.Tensor) -> None:
         with precision.autocast(dtype, device):   # in the precision the layer is timed in
             qkv(x)
-            proj(x)
+            proj(merged)
             for a, b in operands:
                 torch.matmul(a, b)
 

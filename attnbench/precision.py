@@ -6,7 +6,9 @@ stay float32). Training (``TrainConfig.precision``), sweeps (``train.precision``
 ``attnbench bench --dtype`` all take these names and mean the same thing by them.
 
 Variants whose arithmetic breaks in half precision (norms, arccos, sums over tokens) run
-those parts through :func:`run_in_float32`.
+those parts through :func:`run_in_float32`, or, where only float16 breaks it (bfloat16 has
+float32's exponent range), through :func:`run_in_float32_or_bfloat16`, which keeps bfloat16
+inference in bfloat16.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from torch import nn
 from attnbench.precision_names import DEFAULT_PRECISION, PRECISION_NAMES, Precision
 
 __all__ = ["Precision", "PRECISIONS", "DEFAULT_PRECISION", "HALF_DTYPES", "check_precision", "torch_dtype", "autocast",
-           "grad_scaler", "AutocastModule", "run_in_float32"]
+           "grad_scaler", "AutocastModule", "run_in_float32",
+           "run_in_float32_or_bfloat16"]
 
 #: Every allowed precision and its torch dtype, in the order they are documented.
 PRECISIONS: dict[str, torch.dtype] = {name: getattr(torch, name) for name in PRECISION_NAMES}
@@ -96,3 +99,29 @@ def run_in_float32(fn: Callable, *args, **kwargs):
         return fn(*args, **kwargs)
     with torch.autocast(device_type, enabled=False):   # restored on exit
         return fn(*(_as_float32(a) for a in args), **{k: _as_float32(v) for k, v in kwargs.items()})
+
+
+def _as_bfloat16(value: Any) -> Any:
+    return value.to(torch.bfloat16) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def run_in_float32_or_bfloat16(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in bfloat16 when that is the work's precision and it is inference,
+    else :func:`run_in_float32`.
+
+    Inference: no tensor argument needs a gradient, or gradients are off. bfloat16: a tensor
+    argument is bfloat16 (as under bfloat16 autocast, or in a model cast to it) and none is
+    float16. Then every floating tensor argument is cast to bfloat16 and autocast is off inside,
+    so ``fn``'s matmuls run in bfloat16 (accumulating in float32, as the CPU and GPU libraries
+    do) and its elementwise passes read and write half the bytes. For an ``fn`` whose only
+    half-precision hazard is float16's range (norms of squares, sums over tokens): bfloat16 has
+    float32's exponent, and its 8-bit mantissa costs what the half-precision tolerance allows.
+    Training keeps float32 inside, where the gradients' sums need it.
+    """
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    dtypes = {t.dtype for t in tensors}
+    inference = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+    if not (inference and torch.bfloat16 in dtypes and torch.float16 not in dtypes):
+        return run_in_float32(fn, *args, **kwargs)
+    with torch.autocast(tensors[0].device.type, enabled=False):   # restored on exit
+        return fn(*(_as_bfloat16(a) for a in args), **{k: _as_bfloat16(v) for k, v in kwargs.items()})

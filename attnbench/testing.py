@@ -221,6 +221,15 @@ def _forward_backward(layer, x: torch.Tensor, dtype: Optional[torch.dtype]) -> t
     return y.detach(), [(name, g.float()) for name, g in zip(names, grads) if g is not None]
 
 
+def _inference(layer, x: torch.Tensor, dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, list]:
+    """Output of the castled layer in eval mode under ``torch.no_grad`` (what ``bench``, ``export``
+    and a deployment run), under CPU autocast to ``dtype`` unless None; no gradients."""
+    layer = layer.eval().castle()
+    context = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        return layer(x), []
+
+
 def half_precision_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """|actual - expected| / |expected|, Frobenius norms in float64 (the absolute error when expected is 0).
 
@@ -238,19 +247,21 @@ def _half_pairs(variant: str, options: dict, x: torch.Tensor):
 
     ``autocast``: float32 weights under ``torch.autocast`` (what training and ``bench --dtype``
     run), against plain float32. ``cast``: the layer and input cast to the dtype, against float32
-    with the same rounded weights and input.
+    with the same rounded weights and input. Each in training (forward and backward) and as
+    castled inference (eval, no gradient: a variant may run another path there).
     """
     for dtype in HALF_PRECISION_TOLERANCE:
-        layer = _layer(variant, options).train()
-        yield (f"{dtype} autocast", dtype, _forward_backward(layer, x, dtype), _forward_backward(layer, x, None))
-        half = _layer(variant, options).train().to(dtype)
-        rounded = _layer(variant, options).train().to(dtype).float()
-        yield (f"{dtype} cast", dtype, _forward_backward(half, x.to(dtype), None),
-               _forward_backward(rounded, x.to(dtype).float(), None))
+        for mode, run in (("", _forward_backward), (", castled inference", _inference)):
+            layer = _layer(variant, options).train()
+            yield (f"{dtype} autocast{mode}", dtype, run(layer, x, dtype), run(layer, x, None))
+            half = _layer(variant, options).train().to(dtype)
+            rounded = _layer(variant, options).train().to(dtype).float()
+            yield (f"{dtype} cast{mode}", dtype, run(half, x.to(dtype), None), run(rounded, x.to(dtype).float(), None))
 
 
 def check_half_precision_matches_float32(variant: str, options: dict) -> None:
-    """bfloat16 and float16 (autocast and cast), forward and backward, within HALF_PRECISION_TOLERANCE of float32."""
+    """bfloat16 and float16 (autocast and cast), forward and backward, and castled inference
+    (eval, no gradient), within HALF_PRECISION_TOLERANCE of float32."""
     for label, dtype, (y, grads), (y_ref, grads_ref) in _half_pairs(variant, options, _input()):
         assert y.dtype == dtype, f"{label}: output dtype {y.dtype}"
         tolerance = HALF_PRECISION_TOLERANCE[dtype]
@@ -274,13 +285,16 @@ def _hostile_inputs() -> dict[str, torch.Tensor]:
 
 
 def check_half_precision_finite(variant: str, options: dict) -> None:
-    """bfloat16 and float16 (autocast and cast) stay finite, forward and backward, with a large token
-    (x300), a zero token and an all-zero sample (three inputs; a failure names the one)."""
+    """bfloat16 and float16 (autocast and cast) stay finite, forward and backward and in castled
+    inference, with a large token (x300), a zero token and an all-zero sample (three inputs; a
+    failure names the one)."""
     for what, x in _hostile_inputs().items():
         for dtype in HALF_PRECISION_TOLERANCE:
-            runs = {f"{dtype} autocast": lambda: _forward_backward(_layer(variant, options).train(), x, dtype),
-                    f"{dtype} cast": lambda: _forward_backward(_layer(variant, options).train().to(dtype),
-                                                               x.to(dtype), None)}
+            runs = {}
+            for mode, run in (("", _forward_backward), (", castled inference", _inference)):
+                runs[f"{dtype} autocast{mode}"] = lambda run=run: run(_layer(variant, options).train(), x, dtype)
+                runs[f"{dtype} cast{mode}"] = lambda run=run: run(_layer(variant, options).train().to(dtype),
+                                                                  x.to(dtype), None)
             for label, run in runs.items():
                 y, grads = run()
                 assert torch.isfinite(y).all(), f"{label}: non-finite output for the input with {what}"

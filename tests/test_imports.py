@@ -31,7 +31,7 @@ def _heavy_loaded_by(steps: dict[str, str]) -> dict[str, list[str]]:
 
 
 def test_cli_and_results_modules_import_without_torch():
-    modules = list(dict.fromkeys(["attnbench.cli", "attnbench.results.report", "attnbench.registry",
+    modules = list(dict.fromkeys(["attnbench.cli", "attnbench.results.report", "attnbench.registry", "attnbench.native",
                                   *_modules_of(attnbench.results), *_modules_of(attnbench.cli)]))
     loaded = _heavy_loaded_by({m: f"import {m}" for m in modules})
     assert {m: heavy for m, heavy in loaded.items() if heavy} == {}

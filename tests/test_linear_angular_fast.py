@@ -366,6 +366,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(la, "_compiled", None)
     monkeypatch.setattr(la, "_compile_failed", False)
+    monkeypatch.setattr(la.linear_angular_cpu, "supports", lambda *args, **kwargs: False)   # not the C core
     q, k, v = _qkv((1, 2, 9, 8))
     with use_impl("compile"), pytest.warns(RuntimeWarning, match="using the eager fast path"):
         out = la.linear_angular(q, k, v)

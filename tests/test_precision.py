@@ -56,6 +56,27 @@ def test_run_in_float32_upcasts_and_turns_autocast_off_inside_only():
     assert out.dtype == torch.float32
 
 
+def test_run_in_float32_or_bfloat16_keeps_bfloat16_inference_only():
+    seen = []
+
+    def core(a, b):
+        seen.append((a.dtype, b.dtype, torch.is_autocast_enabled("cpu")))
+        return a @ b
+
+    a, weight = torch.randn(3, 3, dtype=torch.bfloat16), torch.randn(3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():       # inference in bfloat16: bfloat16 inside, the float32 weight cast
+            assert precision.run_in_float32_or_bfloat16(core, a, b=weight).dtype == torch.bfloat16
+        # a gradient is needed (training): float32 inside, as run_in_float32
+        assert precision.run_in_float32_or_bfloat16(core, a, b=weight).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")
+    with torch.no_grad():           # float16 keeps float32 (its range), and so does plain float32
+        precision.run_in_float32_or_bfloat16(core, a.half(), b=weight)
+        precision.run_in_float32_or_bfloat16(core, a.float(), b=weight)
+    assert seen == [(torch.bfloat16, torch.bfloat16, False), (torch.float32, torch.float32, False),
+                    (torch.float32, torch.float32, False), (torch.float32, torch.float32, False)]
+
+
 def test_train_config_rejects_an_unknown_precision():
     with pytest.raises(ValueError, match="precision must be one of float32, bfloat16, float16, got 'half'"):
         train.TrainConfig(precision="half")

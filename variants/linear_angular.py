@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnbench.precision import run_in_float32
+from attnbench.precision import run_in_float32_or_bfloat16
 from attnbench.variant import AttentionVariant, token_grid
 from attnbench_variants.ops.linear_angular import compile_fell_back, linear_angular
 
@@ -78,9 +78,11 @@ class LinearAngularAttention(AttentionVariant):
         Runs the implementation selected by :mod:`attnbench.kernels` (fast by default, the
         plain reference with ``kernels.use("reference")``).
         """
-        # float32 inside: the norms (|q|^2 overflows float16), the (d, d) context k^^T v, a sum
-        # over all N tokens, and the faithful row sum. O(N d^2), cheap beside the projections.
-        return run_in_float32(linear_angular, q, k, v, **self.core_options(v)).to(v.dtype)
+        # float32 inside, for training and float16: the norms (|q|^2 overflows float16), the
+        # (d, d) context k^^T v, a sum over all N tokens, and the faithful row sum. bfloat16
+        # inference stays in bfloat16 (float32's range; the matmuls accumulate in float32):
+        # there the float32 core cost more than the layer's matmuls (docs/performance.md).
+        return run_in_float32_or_bfloat16(linear_angular, q, k, v, **self.core_options(v)).to(v.dtype)
 
     def core_options(self, v: torch.Tensor) -> dict:
         """Keyword options of the core ops for this layer: eps, constant, normalisation, residual."""

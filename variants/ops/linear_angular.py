@@ -30,7 +30,11 @@ Three implementations of the same numbers, chosen by :mod:`attnbench.kernels` (`
   normalisation and all K taps into one loop after each matmul: two passes over memory besides
   the matmuls. Shapes are static (a dynamic-shape kernel measured 20% slower), so each new shape
   compiles once (seconds), up to Dynamo's recompile limit, past which that shape runs eager. If
-  compiling fails (no C compiler, unsupported backend) it warns once and runs ``fast``.
+  compiling fails (no C compiler, unsupported backend) it warns once and runs ``fast``. The
+  castled form on CPU (inference, official constant, float32 or bfloat16) runs the same two
+  passes as hand-written C instead (:mod:`~attnbench_variants.ops.linear_angular_cpu`), which
+  also writes the output in the order the heads merge in; if that does not build, it warns once
+  and runs ``torch.compile``'s.
 
 No Python loop over heads or tokens (the DWConv loops over its K taps).
 """
@@ -44,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from attnbench.torch_compat import dispatch_mode_active
-from attnbench_variants.ops import IMPLS, get_impl, set_impl, use_impl
+from attnbench_variants.ops import IMPLS, get_impl, linear_angular_cpu, set_impl, use_impl
 from attnbench_variants.ops.norms import normalize, stop_floored
 
 __all__ = ["IMPLS", "get_impl", "set_impl", "use_impl", "linear_angular", "linear_angular_naive",
@@ -394,6 +398,13 @@ def _linear_angular_compiled(q, k, v, *, eps: float = 1e-6, constant: Constant =
     """The fast path under ``torch.compile``; falls back to eager ``fast`` (warning once) on failure."""
     global _compiled, _compile_failed
     args = (eps, constant, normalize_output, extra, conv_weight, residual, return_prenorm)
+    tracing = dispatch_mode_active() or torch.compiler.is_compiling()   # counters, export: the torch ops
+    if not tracing and linear_angular_cpu.supports(q, k, v, constant=constant, extra=extra, residual=residual,
+                                                   conv_weight=conv_weight, return_prenorm=return_prenorm):
+        out = linear_angular_cpu.linear_angular_cpu(q, k, v, eps=eps, normalize_output=normalize_output,
+                                                    conv_weight=conv_weight)
+        if out is not None:
+            return out
     if not _compile_failed and not dispatch_mode_active():    # counters see the eager ops
         try:
             if _compiled is None:
