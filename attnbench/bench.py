@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from attnbench import kernels, measure, models, precision, provenance, registry, torch_compat
+from attnbench import allocator, kernels, measure, models, precision, provenance, registry, torch_compat
 from attnbench.results import schema
 from attnbench.variant import AttentionVariant
 
@@ -275,7 +275,10 @@ def _time_in_this_process(config: BenchConfig, on_block=None) -> dict[str, dict]
 
 def _worker_main() -> int:
     """``python -m attnbench.bench --worker``: config JSON on stdin, JSON lines on stdout."""
-    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(sys.stdin).items()})
+    message = json.load(sys.stdin)
+    if message.pop("tune_malloc", False):   # as the parent process is, so the rows' allocator column holds here too
+        allocator.tune_malloc()
+    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in message.items()})
 
     def report(done: int, total: int) -> None:
         print(json.dumps({"progress": done, "total": total}), flush=True)
@@ -283,17 +286,19 @@ def _worker_main() -> int:
     result = _time_in_this_process(config, report)
     ran = {variant: kernels.implementation_of(registry.get_variant(variant), config.ops)
            for variant in config.variants}
-    print(json.dumps({"result": result, "kernels": ran}), flush=True)
+    print(json.dumps({"result": result, "kernels": ran, "allocator": allocator.malloc_setting()}), flush=True)
     return 0
 
 
-def _run_worker(config: BenchConfig, index: int, on_progress=None) -> tuple[dict[str, dict], dict[str, str]]:
-    """One timing process: (key -> latency dict, variant -> the kernel implementation that ran)."""
+def _run_worker(config: BenchConfig, index: int, on_progress=None) -> tuple[dict[str, dict], dict[str, str], str]:
+    """One timing process: (key -> latency dict, variant -> the kernel implementation that ran, its
+    malloc setting)."""
     command = [sys.executable, "-m", "attnbench.bench", "--worker"]
     with tempfile.TemporaryFile(mode="w+") as errors:
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
                                 text=True)
-        proc.stdin.write(json.dumps(dataclasses.asdict(config)))
+        proc.stdin.write(json.dumps({**dataclasses.asdict(config),
+                                     "tune_malloc": allocator.malloc_setting() != "system"}))
         proc.stdin.close()
         result = None
         for line in proc.stdout:
@@ -304,14 +309,14 @@ def _run_worker(config: BenchConfig, index: int, on_progress=None) -> tuple[dict
             if "progress" in message and on_progress is not None:
                 on_progress(message["progress"], message["total"])
             elif "result" in message:
-                result, ran = message["result"], message["kernels"]
+                result, ran, malloc = message["result"], message["kernels"], message["allocator"]
         code = proc.wait()
         if code != 0 or result is None:
             errors.seek(0)
             lines = [line for line in errors.read().strip().splitlines() if line.strip()]
             last = lines[-1] if lines else f"exit code {code}"
             raise BenchError(f"timing process {index + 1} failed: {last}")
-    return result, ran
+    return result, ran, malloc
 
 
 # --------------------------------------------------------------------------------- analysis
@@ -482,13 +487,15 @@ def _run(config: BenchConfig, env: dict[str, Any], progress, write: bool) -> Ben
                                                  memory_method=memory.method)
         step()
 
-    processes, ran = [], {variant: set() for variant in config.variants}
+    processes, ran, mallocs = [], {variant: set() for variant in config.variants}, set()
     for index in range(config.repeats):
         step = task(f"timing, process {index + 1}/{config.repeats}", len(pairs) * config.samples)
-        latencies, kernels_ran = _run_worker(config, index, lambda done, total: step(completed=done))
+        latencies, kernels_ran, malloc = _run_worker(config, index, lambda done, total: step(completed=done))
         processes.append(latencies)
+        mallocs.add(malloc)
         for variant, implementation in kernels_ran.items():
             ran[variant].add(implementation)
+    env = {**env, "allocator": " + ".join(sorted(mallocs))}   # what the timing processes ran with
     # Where compiling fell back in some processes only, the row names both ('compile+fast').
     labels = {variant: "+".join(sorted(found)) for variant, found in ran.items()}
 

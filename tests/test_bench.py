@@ -181,3 +181,23 @@ def test_the_castled_layer_stays_near_its_matmul_floor():
     timed = measure.time_interleaved({"layer": (layer, x), "floor": (floor, x)}, threads=1, repeats=15)
     ratio = timed["layer"].median_ms / timed["floor"].median_ms
     assert ratio < 2.0, ratio
+
+
+@pytest.mark.parametrize("parent", ["system", "tuned"])
+def test_timing_processes_run_with_the_parents_allocator_and_rows_say_which(parent, monkeypatch):
+    """The CLI tunes malloc (attnbench.allocator); its timing processes must too, or rows would
+    record a setting the timings never ran with. A library caller that did not tune gets untuned workers."""
+    import platform
+
+    from attnbench import allocator
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    monkeypatch.delenv("ATTNBENCH_MALLOC", raising=False)
+    monkeypatch.setattr(allocator, "_setting", "system" if parent == "system" else "tuned in the parent")
+    config = bench.BenchConfig(variants=("softmax",), tokens=(17,), dim=16, heads=2, batch=1, repeats=1, samples=1,
+                               warmup=0, memory=False, ops="fast", threads=1)
+    rows = bench.run_benchmark(config, write=False).rows
+    expected = "system" if parent == "system" else f"glibc mmap {allocator.MMAP_THRESHOLD >> 20} MiB, " \
+                                                    f"trim {allocator.TRIM_THRESHOLD >> 20} MiB"
+    assert [row["allocator"] for row in rows] == [expected]
