@@ -10,9 +10,10 @@ tuning guide suggests preloading jemalloc or tcmalloc for this; :func:`tune_mall
 in-process equivalent with glibc's ``mallopt``.
 
 The command line (``attnbench ...``) and the benchmark scripts call it at start; the library
-itself never changes the process's allocator, except in the child processes it starts for
-``bench`` timing and memory, which take the parent's setting (so a row's ``allocator`` column
-is true of every process that measured it). Set ``ATTNBENCH_MALLOC=system`` to keep glibc's
+itself never changes the process's allocator, except in the processes ``bench`` starts to time,
+which take the parent's setting (a row's ``allocator`` column is theirs). The child that
+measures peak memory keeps glibc's defaults: memory kept from its untimed first forward would
+hide the measured forward's peak. Set ``ATTNBENCH_MALLOC=system`` to keep glibc's
 defaults. :func:`malloc_setting` says what is in force, for result rows.
 """
 from __future__ import annotations

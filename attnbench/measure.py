@@ -31,8 +31,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from attnbench import allocator
-
 __all__ = [
     "count_macs",
     "count_macs_reference",
@@ -370,10 +368,10 @@ def _measure_one(build: Callable[[], nn.Module], input_shape: Sequence[int], dev
     return Memory(int(peak), int(base), max(0, int(peak) - int(base)), method)
 
 
-def _memory_child(jobs, threads, conn, tune_malloc: bool = False) -> None:  # runs in a spawned process
+def _memory_child(jobs, threads, conn) -> None:  # runs in a spawned process
+    # glibc's default malloc here, whatever the parent's (attnbench.allocator): memory kept from
+    # the untimed first forward would hide the measured forward's peak from ru_maxrss
     try:
-        if tune_malloc:   # as the parent is (attnbench.allocator), so its rows' allocator column holds here too
-            allocator.tune_malloc()
         torch.set_num_threads(threads)
         conn.send(("ok", [_measure_one(build, shape, "cpu") for build, shape in jobs]))
     except BaseException as err:  # noqa: BLE001 - reported to the parent
@@ -417,8 +415,7 @@ def peak_memory_many(jobs: Sequence[tuple[Callable[[], nn.Module], Sequence[int]
     old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        child = ctx.Process(target=_memory_child, args=(list(jobs), threads, send, allocator.malloc_setting() != "system"),
-                            daemon=True)
+        child = ctx.Process(target=_memory_child, args=(list(jobs), threads, send), daemon=True)
         child.start()
     finally:
         if old is None:
