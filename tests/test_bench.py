@@ -183,6 +183,31 @@ def test_the_castled_layer_stays_near_its_matmul_floor():
     assert ratio < 2.0, ratio
 
 
+@pytest.mark.perf
+def test_the_castled_layer_in_bfloat16_stays_near_its_matmul_floor():
+    """The same in bfloat16 (autocast, the C core, ``--ops compile``) where the CPU has native
+    bfloat16 matmuls: under 2.2x at 785 tokens (measured 1.6x on 2 threads of an AMX Xeon,
+    docs/performance.md; 2.8x before the C core)."""
+    import torch
+
+    from attnbench import kernels, models, precision, registry
+
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        flags = set()
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        pytest.skip("no native bfloat16 matmuls on this CPU (avx512_bf16 or amx_bf16 in /proc/cpuinfo)")
+    layer = models.castle(registry.build_attention("castling", 192, 3)).eval()
+    x = torch.randn(4, 785, 192)
+    floor = bench.floor_callable(layer, 4, 785, "bfloat16", "cpu")
+    with kernels.use("compile"):
+        timed = measure.time_interleaved({"layer": (precision.at_precision(layer, "bfloat16", "cpu"), x),
+                                          "floor": (floor, x)}, threads=2, repeats=15)
+    ratio = timed["layer"].median_ms / timed["floor"].median_ms
+    assert ratio < 2.2, ratio
+
+
 @pytest.mark.parametrize("parent", ["system", "tuned"])
 def test_timing_processes_run_with_the_parents_allocator_and_rows_say_which(parent, monkeypatch):
     """The CLI tunes malloc (attnbench.allocator); its timing processes must too, or rows would

@@ -80,8 +80,7 @@ def linear_angular_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     name = _DTYPES[q.dtype]
     threads = torch.get_num_threads()
-    rows = torch.empty((3, B * H, N, D), dtype=q.dtype)         # q^, k^, v: the two matmuls' operands
-    q_hat, k_hat, v_rows = rows[0], rows[1], rows[2]
+    q_hat, k_hat, v_rows = (torch.empty((B * H, N, D), dtype=q.dtype) for _ in range(3))   # the matmuls' operands
     stride_b, stride_h, stride_n, _ = q.stride()
     getattr(library, f"prepare_{name}")(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, H, N, stride_b, stride_h,
                                         stride_n, eps, q_hat.data_ptr(), k_hat.data_ptr(), v_rows.data_ptr(),
@@ -91,7 +90,7 @@ def linear_angular_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps
     if conv_weight is not None:
         conv_weight = conv_weight.detach().reshape(H, taps)
         conv_weight = conv_weight.contiguous() if conv_weight.dtype == torch.float32 else conv_weight.float()
-    out = torch.empty((B, N, H, D), dtype=q.dtype)
+    out = q_hat.view(B, N, H, D)       # q^ is spent: the output reuses its memory (one buffer less at the peak)
     getattr(library, f"finish_{name}")(v_rows.data_ptr(), product.data_ptr(),
                                        None if conv_weight is None else conv_weight.data_ptr(), B, H, N,
                                        2.0 / math.pi, 2.0 * eps, int(normalize_output), out.data_ptr(), threads)
