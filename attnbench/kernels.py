@@ -6,7 +6,8 @@ the framework asks :func:`implementation_of` what really ran and stores it with 
 
 - ``fast``: the fast paths (the default);
 - ``reference``: the plain formulations, step by step as the spec writes them (tests compare);
-- ``compile``: the fast paths under ``torch.compile`` where the variant offers it; a variant
+- ``compile``: the fast paths under ``torch.compile`` where the variant offers it, or compiled
+  code of its own (the castled linear-angular core's C, :mod:`attnbench.native`); a variant
   whose compiling fails runs ``fast`` and says so through :meth:`AttentionVariant.kernel_ran`.
 
 The choice, innermost first: :func:`use` (a context, for this thread or task), the process

@@ -102,7 +102,9 @@ def run_in_float32(fn: Callable, *args, **kwargs):
 
 
 def _as_bfloat16(value: Any) -> Any:
-    return value.to(torch.bfloat16) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+    if isinstance(value, torch.Tensor) and value.dtype != torch.bfloat16 and value.is_floating_point():
+        return value.to(torch.bfloat16)
+    return value
 
 
 def run_in_float32_or_bfloat16(fn: Callable, *args, **kwargs):
@@ -123,5 +125,8 @@ def run_in_float32_or_bfloat16(fn: Callable, *args, **kwargs):
     inference = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
     if not (inference and torch.bfloat16 in dtypes and torch.float16 not in dtypes):
         return run_in_float32(fn, *args, **kwargs)
-    with torch.autocast(tensors[0].device.type, enabled=False):   # restored on exit
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):   # a model cast to bfloat16: nothing to turn off
+        return fn(*(_as_bfloat16(a) for a in args), **{k: _as_bfloat16(v) for k, v in kwargs.items()})
+    with torch.autocast(device_type, enabled=False):   # restored on exit
         return fn(*(_as_bfloat16(a) for a in args), **{k: _as_bfloat16(v) for k, v in kwargs.items()})
