@@ -188,12 +188,14 @@ def test_the_castled_layer_in_bfloat16_stays_near_its_matmul_floor():
     """The same in bfloat16 (autocast, the C core, ``--ops compile``) where the CPU has native
     bfloat16 matmuls: under 2.2x at 785 tokens (measured 1.6x on 2 threads of an AMX Xeon,
     docs/performance.md; 2.8x before the C core)."""
+    from pathlib import Path
+
     import torch
 
     from attnbench import kernels, models, precision, registry
 
     try:
-        flags = set(open("/proc/cpuinfo").read().split())
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         flags = set()
     if not flags & {"avx512_bf16", "amx_bf16"}:
