@@ -171,16 +171,18 @@ def test_a_variant_without_declared_matmuls_has_no_floor(registered):
 
 @pytest.mark.perf
 def test_the_castled_layer_stays_near_its_matmul_floor():
-    """A coarse ratio within one process: the castled layer at 785 tokens costs under 2x its
-    projections and core matmuls timed alone (measured 1.17-1.26x on 1 thread, docs/performance.md)."""
-    from attnbench import models, registry
+    """A coarse ratio within one process: the castled layer at 785 tokens (``--ops compile``, as
+    ``bench`` runs it: the C core) costs under 1.6x its projections and core matmuls timed alone
+    (measured 1.10-1.13x on 1 thread of an AMX Xeon; the eager ``fast`` path 1.73-1.78x)."""
+    from attnbench import kernels, models, registry
 
     layer = models.castle(registry.build_attention("castling", 192, 3)).eval()
     x = __import__("torch").randn(4, 785, 192)
     floor = bench.floor_callable(layer, 4, 785, "float32", "cpu")
-    timed = measure.time_interleaved({"layer": (layer, x), "floor": (floor, x)}, threads=1, repeats=15)
+    with kernels.use("compile"):
+        timed = measure.time_interleaved({"layer": (layer, x), "floor": (floor, x)}, threads=1, repeats=15)
     ratio = timed["layer"].median_ms / timed["floor"].median_ms
-    assert ratio < 2.0, ratio
+    assert ratio < 1.6, ratio
 
 
 @pytest.mark.perf
