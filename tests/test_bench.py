@@ -174,8 +174,11 @@ def test_the_castled_layer_stays_near_its_matmul_floor():
     """A coarse ratio within one process: the castled layer at 785 tokens (``--ops compile``, as
     ``bench`` runs it: the C core) costs under 1.6x its projections and core matmuls timed alone
     (measured 1.10-1.13x on 1 thread of an AMX Xeon; the eager ``fast`` path 1.73-1.78x)."""
-    from attnbench import kernels, models, registry
+    from attnbench import allocator, kernels, models, registry
 
+    # as `attnbench bench` runs: with glibc's defaults the core's per-call buffers are faulted in
+    # again in some processes and not others (measured 9.1-9.9 or 13.9-14.7 ms, per process)
+    allocator.tune_malloc()
     layer = models.castle(registry.build_attention("castling", 192, 3)).eval()
     x = __import__("torch").randn(4, 785, 192)
     floor = bench.floor_callable(layer, 4, 785, "float32", "cpu")
@@ -194,7 +197,7 @@ def test_the_castled_layer_in_bfloat16_stays_near_its_matmul_floor():
 
     import torch
 
-    from attnbench import kernels, models, precision, registry
+    from attnbench import allocator, kernels, models, precision, registry
 
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
@@ -202,6 +205,7 @@ def test_the_castled_layer_in_bfloat16_stays_near_its_matmul_floor():
         flags = set()
     if not flags & {"avx512_bf16", "amx_bf16"}:
         pytest.skip("no native bfloat16 matmuls on this CPU (avx512_bf16 or amx_bf16 in /proc/cpuinfo)")
+    allocator.tune_malloc()   # as `attnbench bench` runs (see the float32 test above)
     layer = models.castle(registry.build_attention("castling", 192, 3)).eval()
     x = torch.randn(4, 785, 192)
     floor = bench.floor_callable(layer, 4, 785, "bfloat16", "cpu")
