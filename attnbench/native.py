@@ -19,7 +19,6 @@ import ctypes
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -85,7 +84,7 @@ def _compiler_version(compiler: str) -> str:
     try:
         run = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as err:
-        raise NativeBuildError(f"no C compiler: {compiler!r} could not run ({type(err).__name__})") from None
+        raise NativeBuildError(f"no C compiler: {compiler!r} could not run ({type(err).__name__}; set CC)") from None
     return run.stdout.splitlines()[0] if run.stdout else ""
 
 
@@ -117,8 +116,6 @@ def load_library(source: Path, defines: Mapping[str, int]) -> ctypes.CDLL:
 
 
 def _build(compiler: str, source: Path, flags: list[str], target: Path) -> None:
-    if shutil.which(compiler) is None:
-        raise NativeBuildError(f"no C compiler: {compiler!r} is not on PATH (set CC)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(suffix=".so", prefix=f".{target.stem}-", dir=target.parent)

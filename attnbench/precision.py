@@ -125,8 +125,5 @@ def run_in_float32_or_bfloat16(fn: Callable, *args, **kwargs):
     inference = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
     if not (inference and torch.bfloat16 in dtypes and torch.float16 not in dtypes):
         return run_in_float32(fn, *args, **kwargs)
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):   # a model cast to bfloat16: nothing to turn off
-        return fn(*(_as_bfloat16(a) for a in args), **{k: _as_bfloat16(v) for k, v in kwargs.items()})
-    with torch.autocast(device_type, enabled=False):   # restored on exit
+    with torch.autocast(tensors[0].device.type, enabled=False):   # restored on exit
         return fn(*(_as_bfloat16(a) for a in args), **{k: _as_bfloat16(v) for k, v in kwargs.items()})

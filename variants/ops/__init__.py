@@ -3,7 +3,8 @@
 Which implementation runs is attnbench's switch (:mod:`attnbench.kernels`): ``fast`` (default),
 ``reference`` (the plain formulations, step by step as the spec writes them) or ``compile`` (the
 fast paths under ``torch.compile`` where an op offers it, the castled linear-angular core as
-hand-written C on a CPU, else ``fast``; if compiling fails it warns once and runs the next). The names below are the ops' short-hands for it.
+hand-written C on a CPU, else ``fast``; if compiling fails it warns once and runs the next).
+The names below are the ops' short-hands for it.
 """
 from __future__ import annotations
 

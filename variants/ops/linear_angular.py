@@ -398,14 +398,15 @@ def _linear_angular_compiled(q, k, v, *, eps: float = 1e-6, constant: Constant =
     """The fast path under ``torch.compile``; falls back to eager ``fast`` (warning once) on failure."""
     global _compiled, _compile_failed
     args = (eps, constant, normalize_output, extra, conv_weight, residual, return_prenorm)
-    tracing = dispatch_mode_active() or torch.compiler.is_compiling()   # counters, export: the torch ops
-    if not tracing and linear_angular_cpu.supports(q, k, v, constant=constant, extra=extra, residual=residual,
-                                                   conv_weight=conv_weight, return_prenorm=return_prenorm):
+    counting = dispatch_mode_active()   # MAC counters see the eager ops; tracing (export) the torch ops
+    if not (counting or torch.compiler.is_compiling()) and linear_angular_cpu.supports(
+            q, k, v, constant=constant, extra=extra, residual=residual, conv_weight=conv_weight,
+            return_prenorm=return_prenorm):
         out = linear_angular_cpu.linear_angular_cpu(q, k, v, eps=eps, normalize_output=normalize_output,
                                                     conv_weight=conv_weight)
         if out is not None:
             return out
-    if not _compile_failed and not dispatch_mode_active():    # counters see the eager ops
+    if not _compile_failed and not counting:
         try:
             if _compiled is None:
                 _compiled = torch.compile(_fast, dynamic=False)

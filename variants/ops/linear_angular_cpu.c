@@ -26,6 +26,24 @@
 
 #define BLOCK 32
 
+/* The two entry points, one signature each for every storage type and code path (the Python
+ * side declares them once). */
+#define PREPARE(SUFFIX, T)                                                                            \
+void prepare_##SUFFIX(const T* q, const T* k, const T* v, int64_t B, int64_t H, int64_t N,           \
+                      int64_t stride_b, int64_t stride_h, int64_t stride_n, float eps,               \
+                      T* q_hat, T* k_hat, T* v_out, int threads)
+#define FINISH(SUFFIX, T)                                                                             \
+void finish_##SUFFIX(const T* v, const T* p, const float* taps, int64_t B, int64_t H, int64_t N,     \
+                     float c, float eps2, int normalize, T* out, int threads)
+
+/* The work split: task -> its (batch x head) index and token range [*start, *end), one block of
+ * BLOCK tokens; tasks = B * H * blocks. */
+static inline int64_t task_rows(int64_t task, int64_t blocks, int64_t N, int64_t* start, int64_t* end) {
+    *start = (task % blocks) * BLOCK;
+    *end = *start + BLOCK < N ? *start + BLOCK : N;
+    return task / blocks;
+}
+
 static inline float load_f32(float x) { return x; }
 static inline float store_f32(float x) { return x; }
 
@@ -44,14 +62,11 @@ static inline uint16_t store_bf16(float f) {
 }
 
 #define DEFINE_KERNELS(SUFFIX, T, LOAD, STORE)                                                        \
-void prepare_##SUFFIX(const T* q, const T* k, const T* v, int64_t B, int64_t H, int64_t N,           \
-                      int64_t stride_b, int64_t stride_h, int64_t stride_n, float eps,               \
-                      T* q_hat, T* k_hat, T* v_out, int threads) {                                     \
+PREPARE(SUFFIX, T) {                                                                                  \
     int64_t blocks = (N + BLOCK - 1) / BLOCK;                                                         \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                 \
     for (int64_t task = 0; task < B * H * blocks; task++) {                                           \
-        int64_t bh = task / blocks, b = bh / H, h = bh % H, start = (task % blocks) * BLOCK;          \
-        int64_t end = start + BLOCK < N ? start + BLOCK : N;                                          \
+        int64_t start, end, bh = task_rows(task, blocks, N, &start, &end), b = bh / H, h = bh % H;    \
         for (int64_t n = start; n < end; n++) {                                                       \
             int64_t in = b * stride_b + h * stride_h + n * stride_n, out = (bh * N + n) * D;          \
             float qf[D], kf[D], sq = 0.f, sk = 0.f;                                                   \
@@ -68,13 +83,11 @@ void prepare_##SUFFIX(const T* q, const T* k, const T* v, int64_t B, int64_t H, 
     }                                                                                                 \
 }                                                                                                     \
                                                                                                       \
-void finish_##SUFFIX(const T* v, const T* p, const float* taps, int64_t B, int64_t H, int64_t N,     \
-                     float c, float eps2, int normalize, T* out, int threads) {                       \
+FINISH(SUFFIX, T) {                                                                                   \
     int64_t blocks = (N + BLOCK - 1) / BLOCK;                                                         \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                 \
     for (int64_t task = 0; task < B * H * blocks; task++) {                                           \
-        int64_t bh = task / blocks, b = bh / H, h = bh % H, start = (task % blocks) * BLOCK;          \
-        int64_t end = start + BLOCK < N ? start + BLOCK : N;                                          \
+        int64_t start, end, bh = task_rows(task, blocks, N, &start, &end), b = bh / H, h = bh % H;    \
         for (int64_t n = start; n < end; n++) {                                                       \
             int64_t row = bh * N + n;                                                                 \
             float y[D], s = 0.f;                                                                      \
@@ -122,14 +135,11 @@ static inline void store16_bfloat16(uint16_t* x, __m512 y) {
 }
 
 #define DEFINE_VECTOR_KERNELS(SUFFIX, T)                                                              \
-void prepare_##SUFFIX(const T* q, const T* k, const T* v, int64_t B, int64_t H, int64_t N,           \
-                      int64_t stride_b, int64_t stride_h, int64_t stride_n, float eps,               \
-                      T* q_hat, T* k_hat, T* v_out, int threads) {                                     \
+PREPARE(SUFFIX, T) {                                                                                  \
     int64_t blocks = (N + BLOCK - 1) / BLOCK;                                                         \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                 \
     for (int64_t task = 0; task < B * H * blocks; task++) {                                           \
-        int64_t bh = task / blocks, b = bh / H, h = bh % H, start = (task % blocks) * BLOCK;          \
-        int64_t end = start + BLOCK < N ? start + BLOCK : N;                                          \
+        int64_t start, end, bh = task_rows(task, blocks, N, &start, &end), b = bh / H, h = bh % H;    \
         for (int64_t n = start; n < end; n++) {                                                       \
             int64_t in = b * stride_b + h * stride_h + n * stride_n, out = (bh * N + n) * D;          \
             __m512 qf[LANES], kf[LANES], sq = _mm512_setzero_ps(), sk = _mm512_setzero_ps();         \
@@ -150,14 +160,12 @@ void prepare_##SUFFIX(const T* q, const T* k, const T* v, int64_t B, int64_t H, 
     }                                                                                                 \
 }                                                                                                     \
                                                                                                       \
-void finish_##SUFFIX(const T* v, const T* p, const float* taps, int64_t B, int64_t H, int64_t N,     \
-                     float c, float eps2, int normalize, T* out, int threads) {                       \
+FINISH(SUFFIX, T) {                                                                                   \
     int64_t blocks = (N + BLOCK - 1) / BLOCK;                                                         \
     __m512 cv = _mm512_set1_ps(c);                                                                    \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                 \
     for (int64_t task = 0; task < B * H * blocks; task++) {                                           \
-        int64_t bh = task / blocks, b = bh / H, h = bh % H, start = (task % blocks) * BLOCK;          \
-        int64_t end = start + BLOCK < N ? start + BLOCK : N;                                          \
+        int64_t start, end, bh = task_rows(task, blocks, N, &start, &end), b = bh / H, h = bh % H;    \
         /* v's rows start - K/2 .. end + K/2 in float32, zero outside the sequence (the padding):  \
            each converted once, and the taps need no bounds test */                                   \
         __m512 window[BLOCK + (K > 0 ? K - 1 : 0)][LANES];                                             \
