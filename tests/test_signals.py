@@ -47,6 +47,43 @@ def test_sigterm_is_held_like_ctrl_c_and_restored_after():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.parametrize("call", ["set_trial_user_attr", "set_trial_intermediate_value"])
+def test_a_stop_signal_during_a_storage_call_waits_for_the_call(tmp_path, monkeypatch, call):
+    """A SIGTERM that lands while a running trial is inside a storage call (its labels, its
+    pruning reports) is raised once the call has returned. Cut short inside SQLAlchemy, a commit
+    can leave SQLite's write lock held; every later write (the heartbeat thread's too) then waits
+    for it, and the sweep hangs instead of stopping."""
+    from attnbench.experiment import load_experiment
+    from attnbench.sweep import run_sweep
+
+    path = experiment_file(tmp_path, variants=("softmax", "identity"), steps=6, latency="false")
+    path.write_text(path.read_text().replace("pruning: false", "pruning: true"))
+    original = getattr(optuna.storages.RDBStorage, call)
+    calls = {"started": 0, "finished": 0}
+
+    def signalled(self, *args, **kwargs):
+        if calls["started"] or (call == "set_trial_user_attr" and kwargs.get("key") != "label"):
+            return original(self, *args, **kwargs)
+        calls["started"] += 1
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)   # the handler runs here, in the middle of the call
+        result = original(self, *args, **kwargs)
+        calls["finished"] += 1
+        return result
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, call, signalled)
+    with pytest.raises(Interrupted) as stopped:
+        run_sweep(load_experiment(path), results_dir=tmp_path / "results")
+    assert stopped.value.signum == signal.SIGTERM
+    assert calls == {"started": 1, "finished": 1}, "the storage call was cut short"
+    _cut_trials_marked(tmp_path)
+    monkeypatch.setattr(optuna.storages.RDBStorage, call, original)
+    summary = run_sweep(load_experiment(path), results_dir=tmp_path / "results")
+    assert summary.done == 2 and summary.failed == 0
+    df = rows(tmp_path / "results", "tiny")
+    assert len(df) == 4 and not df.duplicated(["trial", "seed"]).any() and (df["status"] == "complete").all()
+
+
 VARIANTS = ("softmax", "identity", "linear", "angular")
 MESSAGE = "interrupted (SIGTERM): finished trials are stored; run the same command again to resume."
 

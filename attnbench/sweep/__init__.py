@@ -9,9 +9,11 @@ written once: nothing lost, nothing doubled. Several workers may share one study
 
 ``storage``: where a study lives and the lock its workers share; ``study``: opening the study,
 samplers, worker slots, trial keys, progress and re-queues; ``trial``: one trial and who owns
-its result file; ``loop``: the check, the loop over trials and Ctrl-C.
+its result file; ``signals``: where Ctrl-C and SIGTERM interrupt and where they wait; ``loop``: the
+check and the loop over trials.
 """
-from attnbench.sweep.loop import STOP_SIGNALS, Interrupted, SigintGuard, SweepDisplay, SweepSummary, TrialFailure, run_sweep
+from attnbench.sweep.loop import SweepDisplay, SweepSummary, TrialFailure, run_sweep
+from attnbench.sweep.signals import STOP_SIGNALS, Interrupted, SigintGuard
 from attnbench.sweep.storage import (GRACE_S, HEARTBEAT_S, StorageError, StorageLock, heartbeat_settings,
                                      storage_url, study_lock)
 from attnbench.sweep.study import (ERROR_ATTR, EXPERIMENT_ATTR, INTERRUPTED_ATTR, RETRY_ATTR, SLOT_ATTR,

@@ -1,14 +1,11 @@
 """The sweep loop: check the experiment, open the study, claim room under the lock, run one trial
-at a time, hold Ctrl-C during Optuna's bookkeeping."""
+at a time, with Ctrl-C and SIGTERM held outside a trial's work (:mod:`attnbench.sweep.signals`)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +17,7 @@ from attnbench import provenance
 from attnbench.experiment import Experiment
 from attnbench.experiment_check import check_experiment
 from attnbench.sweep.resume import Audit, audit_end, audit_start, check_resume
+from attnbench.sweep.signals import SigintGuard
 from attnbench.sweep.storage import StorageLock, heartbeat_settings, redact, storage_url, study_lock
 from attnbench.sweep.study import (ERROR_ATTR, INTERRUPTED_ATTR, StudyProgress, claim_worker_slot,
                                    fail_orphaned_trials, make_sampler, open_study, quiet_optuna, requeue,
@@ -99,9 +97,10 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
         if experiment.multi_objective:
             study.set_metric_names([o.metric for o in experiment.objectives])
         env = provenance.environment(checked.device, threads=experiment.measure.threads)
+        sigint = SigintGuard()
         ctx = TrialContext(experiment, results, checked.data, device=checked.device,
                            sampler_seed=worker_sampler_seed(experiment, worker_index), worker=_worker_name(),
-                           environment=env, storage_url=url, point_data=checked.point_data)
+                           environment=env, storage_url=url, point_data=checked.point_data, signals=sigint)
         target = experiment.n_trials()
         deadline = time.monotonic() + experiment.timeout_s if experiment.timeout_s else math.inf
         # Checking for room and creating the trial happen under one lock shared by all workers, so
@@ -115,7 +114,7 @@ def run_sweep(experiment: Experiment, *, results_dir: Path = Path("results"), st
             for t, reason in lost:
                 display.log(f"trial {trial_key(t)} ({t.user_attrs.get('label', '')}) is complete in the study but "
                             f"{reason}; it runs again")
-        with SigintGuard() as sigint:
+        with sigint:
             ran = _sweep_loop(study, ctx, claim, sigint, deadline, target, display, wait_for_others)
         state = study_progress(study)
         failures = [TrialFailure(trial_key(t), str(t.user_attrs.get("label", "")),
@@ -165,73 +164,6 @@ def _sweep_loop(study: optuna.Study, ctx: TrialContext, claim: StorageLock, sigi
     return ran
 
 
-class Interrupted(KeyboardInterrupt):
-    """A sweep stopped by SIGINT (Ctrl-C) or SIGTERM (what a scheduler or supervisor sends before
-    it kills): finished trials are stored, the one cut short is marked to run again at once.
-    ``signum`` is the signal; a command exits with ``128 + signum`` (130, 143)."""
-
-    def __init__(self, signum: int = signal.SIGINT):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class SigintGuard:
-    """Ctrl-C (and SIGTERM, handled the same way) stops a trial's own work at once, but waits out
-    Optuna's bookkeeping around it.
-
-    Optuna's ``_run_trial`` cannot take a KeyboardInterrupt that arrives after the objective has
-    returned, while it tells the storage (it fails with an UnboundLocalError, and the process
-    exits 1 with a traceback instead of 130). So, while installed (main thread only), SIGINT or
-    SIGTERM raises :class:`Interrupted` only inside :meth:`work`; elsewhere it is held, and
-    :meth:`check` raises it at the next safe point. A second signal while one is held raises at
-    once (a storage that hangs must not make Ctrl-C useless). A signal the process inherited as
-    ignored (``nohup``, a background job of a script) stays ignored, as Python itself leaves it.
-    """
-
-    def __init__(self) -> None:
-        self.pending: Optional[int] = None   # the signal held, if any
-        self._open = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "SigintGuard":
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                if signal.getsignal(signum) is not signal.SIG_IGN:
-                    self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        previous, self._previous = self._previous, {}
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self._open or self.pending is not None:
-            self._open = False          # raised once: the bookkeeping that follows is held again
-            self.pending = None
-            raise Interrupted(signum)
-        self.pending = signum
-
-    @contextlib.contextmanager
-    def work(self):
-        """The region where a stop signal interrupts at once (a trial's training and measuring)."""
-        self.check()
-        self._open = True
-        try:
-            yield
-        finally:
-            self._open = False
-
-    def check(self) -> None:
-        """Raise the held signal, if any."""
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise Interrupted(signum)
-
-
 def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, sigint: SigintGuard,
                   deadline: float, display: Optional["SweepDisplay"]) -> Optional[FrozenTrial]:
     """Run one trial (a queued re-run, else a new one); ``claim`` is released once it exists.
@@ -242,8 +174,7 @@ def _optimize_one(study: optuna.Study, ctx: TrialContext, claim: StorageLock, si
         claim.release()
         started["number"] = trial.number
         try:
-            with sigint.work():
-                return run_trial(ctx, trial)
+            return run_trial(ctx, trial)   # a stop signal interrupts only its work (ctx.signals)
         except KeyboardInterrupt:   # wherever in the trial it landed: marked, so it runs again at once
             trial.set_user_attr(INTERRUPTED_ATTR, True)   # (a signal now is held by the guard)
             raise

@@ -23,6 +23,7 @@ from attnbench import convert, kernels, measure, models, precision, provenance, 
 from attnbench.experiment import CONFIG_PARAM, POINT_PARAM, Experiment, ParamSpec, VariantConfig
 from attnbench.experiment_check import CheckedExperiment
 from attnbench.results import schema, store
+from attnbench.sweep.signals import SigintGuard
 from attnbench.sweep.storage import study_lock
 from attnbench.sweep.study import ERROR_ATTR, EXPERIMENT_ATTR, INTERRUPTED_ATTR, trial_by_number, trial_key
 from attnbench.train import TrainConfig, TrainResult, default_arch, fit
@@ -56,6 +57,7 @@ class TrialContext:
     point: Optional[str] = None   # the point of 'across' this trial runs at (experiment is then that point's)
     point_index: Optional[int] = None
     tuned: dict[str, Any] = dataclasses.field(default_factory=dict)   # tune: the tuning's row columns
+    signals: SigintGuard = dataclasses.field(default_factory=SigintGuard)   # where a stop signal may cut in
 
     def at_point(self, study: Experiment, point: Optional[str]) -> "TrialContext":
         """This context at a point of the study's ``across`` (itself without one)."""
@@ -259,45 +261,48 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> Any:
     seed: Optional[int] = None   # the seed being trained, while one is
     started = time.perf_counter()
     try:
-        costs = _costs(ctx, config)
-        if e.max_macs is not None and costs["macs"] > e.max_macs:
-            raise TrialFailed(f"{costs['macs']:,} MACs exceed constraints.max_macs {e.max_macs:,}")
-        if at.tune is not None:   # the same number of validation-only trainings for every configuration
-            tuned = tuning.tune_recipe(at.tune, at.train, functools.partial(_build_from, ctx, config), ctx.splits,
-                                       ctx.device, name=f"{config.label}@{ctx.point}")
-            ctx = dataclasses.replace(ctx, experiment=dataclasses.replace(at, train=dataclasses.replace(at.train, **tuned.values)),
-                                      tuned=_tuned_columns(at.tune, tuned))
-            at = ctx.experiment
-        results, last_model = [], None
-        for index, seed in enumerate(e.seeds):
-            seed_start = time.perf_counter()
-            model = _build_from(ctx, config, seed).to(ctx.device)
-            report = _pruning_reporter(trial, e, prunable) if index == 0 else None
-            conversion = None
-            try:
-                if e.convert is not None:   # a conversion study: the teacher's weights, transfer, fine-tuning
-                    conversion = convert.convert_seed(ctx, config, seed, model)
-                    result = conversion.result
-                else:
-                    result = fit(model, ctx.splits, train_config_of(ctx, seed),
-                                 callback=report, progress=False)
-            except optuna.TrialPruned:
-                rows.append(_row(ctx, trial, key, config, seed, costs, None, "pruned", None,
-                                 time.perf_counter() - seed_start))
-                raise
-            if not result.ok:
-                rows.append(_row(ctx, trial, key, config, seed, costs, result, "failed", result.error,
+        # Only this computing is cut at once by a stop signal; every storage call is made outside it
+        # or in a held region (attnbench.sweep.signals says why).
+        with ctx.signals.work():
+            costs = _costs(ctx, config)
+            if e.max_macs is not None and costs["macs"] > e.max_macs:
+                raise TrialFailed(f"{costs['macs']:,} MACs exceed constraints.max_macs {e.max_macs:,}")
+            if at.tune is not None:   # the same number of validation-only trainings for every configuration
+                tuned = tuning.tune_recipe(at.tune, at.train, functools.partial(_build_from, ctx, config), ctx.splits,
+                                           ctx.device, name=f"{config.label}@{ctx.point}")
+                ctx = dataclasses.replace(ctx, experiment=dataclasses.replace(at, train=dataclasses.replace(at.train, **tuned.values)),
+                                          tuned=_tuned_columns(at.tune, tuned))
+                at = ctx.experiment
+            results, last_model = [], None
+            for index, seed in enumerate(e.seeds):
+                seed_start = time.perf_counter()
+                model = _build_from(ctx, config, seed).to(ctx.device)
+                report = _pruning_reporter(trial, e, prunable, ctx.signals) if index == 0 else None
+                conversion = None
+                try:
+                    if e.convert is not None:   # a conversion study: the teacher's weights, transfer, fine-tuning
+                        conversion = convert.convert_seed(ctx, config, seed, model)
+                        result = conversion.result
+                    else:
+                        result = fit(model, ctx.splits, train_config_of(ctx, seed),
+                                     callback=report, progress=False)
+                except optuna.TrialPruned:
+                    rows.append(_row(ctx, trial, key, config, seed, costs, None, "pruned", None,
+                                     time.perf_counter() - seed_start))
+                    raise
+                if not result.ok:
+                    rows.append(_row(ctx, trial, key, config, seed, costs, result, "failed", result.error,
+                                     time.perf_counter() - seed_start, conversion))
+                    raise TrialFailed(f"seed {seed}: {result.error}")
+                results.append(result)
+                rows.append(_row(ctx, trial, key, config, seed, costs, result, "complete", None,
                                  time.perf_counter() - seed_start, conversion))
-                raise TrialFailed(f"seed {seed}: {result.error}")
-            results.append(result)
-            rows.append(_row(ctx, trial, key, config, seed, costs, result, "complete", None,
-                             time.perf_counter() - seed_start, conversion))
-            if at.save_checkpoint:
-                rows[-1]["checkpoint_path"] = save_seed_checkpoint(ctx, key, seed, model)
-            last_model, seed = model, None
-        speed = _speed(ctx, config, models.castle(last_model))
-        for row in rows:
-            row.update(speed)
+                if at.save_checkpoint:
+                    rows[-1]["checkpoint_path"] = save_seed_checkpoint(ctx, key, seed, model)
+                last_model, seed = model, None
+            speed = _speed(ctx, config, models.castle(last_model))
+            for row in rows:
+                row.update(speed)
         values = _objective_values(e, rows)
         return values if len(values) > 1 else values[0]
     except optuna.TrialPruned:
@@ -342,15 +347,18 @@ def _store_rows(ctx: TrialContext, trial: optuna.Trial, key: int, rows: list[dic
         store.write_rows(ctx.results, rows, f"trials/trial-{key:05d}")
 
 
-def _pruning_reporter(trial: optuna.Trial, e: Experiment, prunable: bool) -> Optional[Callable[[dict], None]]:
+def _pruning_reporter(trial: optuna.Trial, e: Experiment, prunable: bool,
+                      signals: SigintGuard) -> Optional[Callable[[dict], None]]:
     """Reports validation top-1 per epoch; prunes only ``prunable`` trials (the baseline's values
     are reported all the same: they are what the others are compared with)."""
     if not e.pruning:
         return None
 
     def report(record: dict[str, Any]) -> None:
-        trial.report(record["val_top1"], record["epoch"])
-        if prunable and trial.should_prune():
+        with signals.held():   # called from the training: the storage calls wait out a stop signal
+            trial.report(record["val_top1"], record["epoch"])
+            prune = prunable and trial.should_prune()
+        if prune:
             raise optuna.TrialPruned(f"pruned at epoch {record['epoch']} (validation top-1 {record['val_top1']:.2f})")
 
     return report
